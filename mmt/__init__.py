@@ -1,0 +1,1 @@
+"""mmt: multimodal transformer training."""

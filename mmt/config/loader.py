@@ -1,0 +1,153 @@
+"""Load a typed config from YAML/JSON files plus dotted command-line overrides (OmegaConf structured configs).
+
+A section may name another file instead of spelling it out (``model: ../model/tiny_tri.yaml``), resolved
+relative to the file that names it, so model, task and training configs compose without copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mmt.config.errors import ConfigError
+from mmt.config.root import Config
+from mmt.config.validate import validate
+
+T = TypeVar("T")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), "<file>", "no such config file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(str(path), "<file>", f"cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "<root>", f"expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def _expand_includes(data: dict[str, Any], schema: type, base_dir: Path, source: str, prefix: str = "") -> dict:
+    """Replace a string value that names a config file, where the schema expects a section, by that file."""
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    out = {}
+    for key, value in data.items():
+        sub = _section_type(schema, key) if key in fields else None
+        if sub is not None and isinstance(value, str) and value.endswith(_CONFIG_SUFFIXES):
+            inc = (base_dir / value).resolve()
+            value = _expand_includes(_read_file(inc), sub, inc.parent, str(inc), f"{prefix}{key}.")
+        elif sub is not None and isinstance(value, dict):
+            value = _expand_includes(value, sub, base_dir, source, f"{prefix}{key}.")
+        out[key] = value
+    return out
+
+
+def _section_type(schema: type, name: str) -> type | None:
+    """The dataclass type of field ``name`` of ``schema`` (unwrapping ``X | None``), or None for a leaf."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    tp = hints.get(name)
+    for arg in (*typing.get_args(tp), tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _merge(base: DictConfig, data: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(source, e.full_key or "<root>", _short(e)) from None
+
+
+def _short(e: OmegaConfBaseException) -> str:
+    return str(e).split("\n")[0]
+
+
+def _to_object(node: DictConfig, source: str, schema: type[T]) -> T:
+    try:
+        obj = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(source, e.full_key or "<root>", _short(e)) from None
+    validate(obj, source)
+    return obj  # type: ignore[return-value]
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    schema: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Build a ``schema`` instance from defaults, then ``path``, then each ``key=value`` override in order.
+
+    Raises `ConfigError` naming the file or override and the full key for an unknown key, a wrong type or a bad
+    value.
+    """
+    node = OmegaConf.structured(schema)
+    if path is not None:
+        p = Path(path)
+        data = _expand_includes(_read_file(p), schema, p.resolve().parent, str(p))
+        node = _merge(node, data, str(p))
+        _to_object(node, str(p), schema)
+    for item in overrides:
+        source = f"command-line override {item!r}"
+        if "=" not in item:
+            raise ConfigError(source, item, "expected key=value")
+        key, value = item.split("=", 1)
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except OmegaConfBaseException as e:
+            raise ConfigError(source, key, _short(e)) from None
+        node = _merge(node, dotted, source)
+        _to_object(node, source, schema)
+    return _to_object(node, str(path) if path is not None else "<defaults>", schema)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, fully resolved nested dict of a config object."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"model.attention.kind": "mha", ...}``: the form logged as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Any, prefix: str) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = d
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML atomically (temp file + rename); `load_config` reads it back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_yaml(cfg))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,133 @@
+"""Typed configuration of the multimodal model: the `model.*` section of every mmt config.
+
+`ModelConfig` holds the transformer settings every tower shares; `MultiModalConfig` extends it with the towers
+(`text`, `image`, `audio`: each an `EncoderConfig`), the fusion, the captioning decoder and the task heads.
+A tower field left at ``None`` inherits the shared value, so ``model.attention.kind=linear`` switches every tower
+while ``model.image.depth=12`` changes only the image tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmt.config.fields import cfg_field
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = cfg_field("mha", doc="self-attention kind", registry="attention")
+    window: int = cfg_field(32, doc="sparse: block size of the local window (a query sees its block and the neighbours)", ge=1)
+    num_global: int = cfg_field(1, doc="sparse: leading tokens that attend to and are attended by every position", ge=0)
+    stride: int = cfg_field(32, doc="strided: the stride of Child et al. 2019 (half the heads local, half strided)", ge=1)
+    feature_map: str = cfg_field("elu", doc="linear: kernel feature map phi", choices=("elu", "relu"))
+    chunk_size: int = cfg_field(64, doc="linear, causal: chunk length (memory O(N * chunk), not O(N^2))", ge=1)
+    dropout: float = cfg_field(0.0, doc="dropout on attention weights (dense kinds only)", ge=0.0, le=1.0)
+
+
+@dataclass
+class ModelConfig:
+    """Transformer settings shared by every tower, the fusion layers and the decoder."""
+
+    dim: int = cfg_field(64, doc="model width", ge=1)
+    depth: int = cfg_field(2, doc="blocks per tower", ge=0)
+    heads: int = cfg_field(4, doc="attention heads (dim must divide)", ge=1)
+    ffn: str = cfg_field("swiglu", doc="feed-forward kind", registry="ffn")
+    ffn_mult: float = cfg_field(4.0, doc="hidden width / dim (gated kinds use 2/3 of it to match parameters)", gt=0)
+    norm: str = cfg_field("layernorm", doc="normalisation kind", registry="norm")
+    positional: str = cfg_field("learned", doc="positional encoding kind", registry="positional")
+    dropout: float = cfg_field(0.0, doc="residual dropout", ge=0.0, le=1.0)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """One tower. ``None`` fields inherit from the shared `ModelConfig`."""
+
+    dim: int | None = cfg_field(None, doc="tower width (None: model.dim)", ge=1)
+    depth: int | None = cfg_field(None, doc="blocks (None: model.depth)", ge=0)
+    heads: int | None = cfg_field(None, doc="heads (None: model.heads)", ge=1)
+    ffn: str | None = cfg_field(None, doc="feed-forward kind (None: model.ffn)", registry="ffn")
+    ffn_mult: float | None = cfg_field(None, doc="(None: model.ffn_mult)", gt=0)
+    norm: str | None = cfg_field(None, doc="(None: model.norm)", registry="norm")
+    positional: str | None = cfg_field(None, doc="(None: model.positional)", registry="positional")
+    dropout: float | None = cfg_field(None, doc="(None: model.dropout)", ge=0.0, le=1.0)
+    attention: AttentionConfig | None = cfg_field(None, doc="(None: model.attention)")
+    input: str = cfg_field("raw", doc="raw (tokens / pixels / waveform), spectrogram (audio) or features (precomputed)",
+                           choices=("raw", "spectrogram", "features"))
+    feature_dim: int = cfg_field(0, doc="width of precomputed feature inputs (input=features)", ge=0)
+    pool: str = cfg_field("attention", doc="how the sequence becomes one vector", registry="pooling")
+
+
+@dataclass
+class TextEncoderConfig(EncoderConfig):
+    tokenizer: str = cfg_field("byte", doc="'byte' (nothing downloaded) or a path to a tokenizers JSON file")
+    vocab_size: int = cfg_field(259, doc="must match the tokenizer (byte: 259)", ge=1)
+    max_len: int = cfg_field(64, doc="maximum tokens, special tokens included", ge=2)
+
+
+@dataclass
+class ImageEncoderConfig(EncoderConfig):
+    image_size: int = cfg_field(32, doc="square input side in pixels (input=raw)", ge=1)
+    patch_size: int = cfg_field(8, doc="ViT patch side", ge=1)
+    channels: int = cfg_field(3, doc="input channels", ge=1)
+    max_tokens: int = cfg_field(256, doc="maximum tokens for input=features", ge=1)
+
+
+@dataclass
+class AudioEncoderConfig(EncoderConfig):
+    sample_rate: int = cfg_field(16000, doc="waveform sample rate (input=raw)", ge=1)
+    n_mels: int = cfg_field(64, doc="mel bands", ge=1)
+    n_fft: int = cfg_field(400, doc="STFT size", ge=2)
+    hop_length: int = cfg_field(160, doc="STFT hop", ge=1)
+    patch_frames: int = cfg_field(4, doc="spectrogram frames per token", ge=1)
+    max_seconds: float = cfg_field(2.0, doc="longest clip (sets the positional table)", gt=0)
+    max_tokens: int = cfg_field(256, doc="maximum tokens for input=features", ge=1)
+
+
+@dataclass
+class FusionConfig:
+    kind: str = cfg_field("concat", doc="cross-modal fusion strategy", registry="fusion")
+    depth: int = cfg_field(1, doc="fusion blocks (concat, cross_attention, bottleneck)", ge=0)
+    num_bottleneck: int = cfg_field(4, doc="bottleneck tokens (Nagrani et al. 2021)", ge=1)
+    tensor_dim: int = cfg_field(8, doc="per-modality width before the outer product (Zadeh et al. 2017)", ge=1)
+    pool: str = cfg_field("attention", doc="how the fused sequence becomes one vector", registry="pooling")
+
+
+@dataclass
+class DecoderConfig:
+    """Captioning decoder: causal self-attention + cross-attention to the fused memory."""
+
+    depth: int | None = cfg_field(None, doc="(None: model.depth)", ge=1)
+    heads: int | None = cfg_field(None, doc="(None: model.heads)", ge=1)
+    ffn: str | None = cfg_field(None, doc="(None: model.ffn)", registry="ffn")
+    ffn_mult: float | None = cfg_field(None, doc="(None: model.ffn_mult)", gt=0)
+    norm: str | None = cfg_field(None, doc="(None: model.norm)", registry="norm")
+    positional: str | None = cfg_field(None, doc="(None: model.positional)", registry="positional")
+    dropout: float | None = cfg_field(None, doc="(None: model.dropout)", ge=0.0, le=1.0)
+    attention: AttentionConfig | None = cfg_field(None, doc="(None: model.attention)")
+    max_len: int = cfg_field(64, doc="longest caption in tokens", ge=2)
+
+
+@dataclass
+class HeadsConfig:
+    contrastive: bool = cfg_field(True, doc="CLIP-style projection of each tower into a shared space")
+    embed_dim: int = cfg_field(64, doc="shared embedding width", ge=1)
+    init_temperature: float = cfg_field(0.07, doc="initial softmax temperature", gt=0)
+    max_logit_scale: float = cfg_field(100.0, doc="clamp of 1/temperature", gt=0)
+    vqa_answers: int = cfg_field(0, doc="VQA answer vocabulary size (0: no VQA head)", ge=0)
+
+
+@dataclass
+class MultiModalConfig(ModelConfig):
+    """The model: shared settings + towers + fusion + decoder + heads. What `mmt.create_model` takes."""
+
+    name: str = cfg_field("tiny", doc="a label for logs")
+    text: TextEncoderConfig | None = cfg_field(None, doc="text tower (None: no text)")
+    image: ImageEncoderConfig | None = cfg_field(None, doc="image tower (None: no image)")
+    audio: AudioEncoderConfig | None = cfg_field(None, doc="audio tower (None: no audio)")
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig | None = cfg_field(None, doc="captioning decoder (None: no captioning)")
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+    def modalities(self) -> list[str]:
+        return [m for m in ("text", "image", "audio") if getattr(self, m) is not None]
