@@ -1,1 +1,27 @@
-"""mmt: multimodal transformer training."""
+"""mmt: distributed training of multimodal (text, image, audio) transformers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from mmt.model.factory import create_model
+    from mmt.model.multimodal import MultiModalModel, MultiModalOutput
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import mmt` stays cheap for the CLI; torch is imported when the model is first asked for.
+    if name == "create_model":
+        from mmt.model.factory import create_model
+
+        return create_model
+    if name in ("MultiModalModel", "MultiModalOutput"):
+        from mmt.model import multimodal
+
+        return getattr(multimodal, name)
+    raise AttributeError(f"module 'mmt' has no attribute {name!r}")
+
+
+__all__ = ["MultiModalModel", "MultiModalOutput", "__version__", "create_model"]

@@ -20,8 +20,24 @@ from mmt.config.tracking import TrackingConfig
 from mmt.config.train import TrainConfig
 
 __all__ = [
-    "AttentionConfig", "AudioEncoderConfig", "Config", "ConfigError", "DataConfig", "DecoderConfig",
-    "EncoderConfig", "FusionConfig", "HeadsConfig", "ImageEncoderConfig", "ModelConfig", "MultiModalConfig",
-    "TextEncoderConfig", "TrackingConfig", "TrainConfig", "dump_yaml", "flatten", "load_config", "save_config",
+    "AttentionConfig",
+    "AudioEncoderConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DecoderConfig",
+    "EncoderConfig",
+    "FusionConfig",
+    "HeadsConfig",
+    "ImageEncoderConfig",
+    "ModelConfig",
+    "MultiModalConfig",
+    "TextEncoderConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "dump_yaml",
+    "flatten",
+    "load_config",
+    "save_config",
     "to_dict",
 ]

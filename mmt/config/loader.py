@@ -41,7 +41,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _expand_includes(data: dict[str, Any], schema: type, base_dir: Path, source: str, prefix: str = "") -> dict:
+def _expand_includes(
+    data: dict[str, Any], schema: type, base_dir: Path, source: str, prefix: str = ""
+) -> dict:
     """Replace a string value that names a config file, where the schema expects a section, by that file."""
     fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
     out = {}

@@ -16,11 +16,19 @@ from mmt.config.fields import cfg_field
 @dataclass
 class AttentionConfig:
     kind: str = cfg_field("mha", doc="self-attention kind", registry="attention")
-    window: int = cfg_field(32, doc="sparse: block size of the local window (a query sees its block and the neighbours)", ge=1)
-    num_global: int = cfg_field(1, doc="sparse: leading tokens that attend to and are attended by every position", ge=0)
-    stride: int = cfg_field(32, doc="strided: the stride of Child et al. 2019 (half the heads local, half strided)", ge=1)
+    window: int = cfg_field(
+        32, doc="sparse: block size of the local window (a query sees its block and the neighbours)", ge=1
+    )
+    num_global: int = cfg_field(
+        1, doc="sparse: leading tokens that attend to and are attended by every position", ge=0
+    )
+    stride: int = cfg_field(
+        32, doc="strided: the stride of Child et al. 2019 (half the heads local, half strided)", ge=1
+    )
     feature_map: str = cfg_field("elu", doc="linear: kernel feature map phi", choices=("elu", "relu"))
-    chunk_size: int = cfg_field(64, doc="linear, causal: chunk length (memory O(N * chunk), not O(N^2))", ge=1)
+    chunk_size: int = cfg_field(
+        64, doc="linear, causal: chunk length (memory O(N * chunk), not O(N^2))", ge=1
+    )
     dropout: float = cfg_field(0.0, doc="dropout on attention weights (dense kinds only)", ge=0.0, le=1.0)
 
 
@@ -30,9 +38,11 @@ class ModelConfig:
 
     dim: int = cfg_field(64, doc="model width", ge=1)
     depth: int = cfg_field(2, doc="blocks per tower", ge=0)
-    heads: int = cfg_field(4, doc="attention heads (dim must divide)", ge=1)
+    num_heads: int = cfg_field(4, doc="attention heads (must divide dim)", ge=1)
     ffn: str = cfg_field("swiglu", doc="feed-forward kind", registry="ffn")
-    ffn_mult: float = cfg_field(4.0, doc="hidden width / dim (gated kinds use 2/3 of it to match parameters)", gt=0)
+    ffn_mult: float = cfg_field(
+        4.0, doc="hidden width / dim (gated kinds use 2/3 of it to match parameters)", gt=0
+    )
     norm: str = cfg_field("layernorm", doc="normalisation kind", registry="norm")
     positional: str = cfg_field("learned", doc="positional encoding kind", registry="positional")
     dropout: float = cfg_field(0.0, doc="residual dropout", ge=0.0, le=1.0)
@@ -45,15 +55,18 @@ class EncoderConfig:
 
     dim: int | None = cfg_field(None, doc="tower width (None: model.dim)", ge=1)
     depth: int | None = cfg_field(None, doc="blocks (None: model.depth)", ge=0)
-    heads: int | None = cfg_field(None, doc="heads (None: model.heads)", ge=1)
+    num_heads: int | None = cfg_field(None, doc="attention heads (None: model.num_heads)", ge=1)
     ffn: str | None = cfg_field(None, doc="feed-forward kind (None: model.ffn)", registry="ffn")
     ffn_mult: float | None = cfg_field(None, doc="(None: model.ffn_mult)", gt=0)
     norm: str | None = cfg_field(None, doc="(None: model.norm)", registry="norm")
     positional: str | None = cfg_field(None, doc="(None: model.positional)", registry="positional")
     dropout: float | None = cfg_field(None, doc="(None: model.dropout)", ge=0.0, le=1.0)
     attention: AttentionConfig | None = cfg_field(None, doc="(None: model.attention)")
-    input: str = cfg_field("raw", doc="raw (tokens / pixels / waveform), spectrogram (audio) or features (precomputed)",
-                           choices=("raw", "spectrogram", "features"))
+    input: str = cfg_field(
+        "raw",
+        doc="raw (tokens / pixels / waveform), spectrogram (audio) or features (precomputed)",
+        choices=("raw", "spectrogram", "features"),
+    )
     feature_dim: int = cfg_field(0, doc="width of precomputed feature inputs (input=features)", ge=0)
     pool: str = cfg_field("attention", doc="how the sequence becomes one vector", registry="pooling")
 
@@ -89,7 +102,9 @@ class FusionConfig:
     kind: str = cfg_field("concat", doc="cross-modal fusion strategy", registry="fusion")
     depth: int = cfg_field(1, doc="fusion blocks (concat, cross_attention, bottleneck)", ge=0)
     num_bottleneck: int = cfg_field(4, doc="bottleneck tokens (Nagrani et al. 2021)", ge=1)
-    tensor_dim: int = cfg_field(8, doc="per-modality width before the outer product (Zadeh et al. 2017)", ge=1)
+    tensor_dim: int = cfg_field(
+        8, doc="per-modality width before the outer product (Zadeh et al. 2017)", ge=1
+    )
     pool: str = cfg_field("attention", doc="how the fused sequence becomes one vector", registry="pooling")
 
 
@@ -98,7 +113,7 @@ class DecoderConfig:
     """Captioning decoder: causal self-attention + cross-attention to the fused memory."""
 
     depth: int | None = cfg_field(None, doc="(None: model.depth)", ge=1)
-    heads: int | None = cfg_field(None, doc="(None: model.heads)", ge=1)
+    num_heads: int | None = cfg_field(None, doc="(None: model.num_heads)", ge=1)
     ffn: str | None = cfg_field(None, doc="(None: model.ffn)", registry="ffn")
     ffn_mult: float | None = cfg_field(None, doc="(None: model.ffn_mult)", gt=0)
     norm: str | None = cfg_field(None, doc="(None: model.norm)", registry="norm")

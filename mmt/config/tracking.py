@@ -11,3 +11,21 @@ from mmt.config.fields import cfg_field
 class TrackingConfig:
     experiment: str = cfg_field("mmt", doc="MLflow experiment name")
     run_name: str = cfg_field("run", doc="MLflow run name (also names the run directory by default)")
+    backend: str = cfg_field(
+        "mlflow", doc="where metrics go besides the console: mlflow or none", choices=("mlflow", "none")
+    )
+    uri: str = cfg_field(
+        "", doc="MLflow tracking URI ('': $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)"
+    )
+    artifact_location: str = cfg_field(
+        "",
+        doc="artifact root of a newly created experiment ('': <db dir>/mlartifacts "
+        "for a sqlite store, the server's default otherwise)",
+    )
+    flush_interval_s: float = cfg_field(
+        5.0, doc="the background thread sends queued metrics at least this often", gt=0
+    )
+    log_system_metrics: bool = cfg_field(
+        True, doc="log process memory (and GPU memory) with the step metrics"
+    )
+    tags: str = cfg_field("", doc="extra run tags as comma-separated key=value pairs")

@@ -33,8 +33,11 @@ def validate(obj: Any, source: str, prefix: str = "") -> None:
             allowed = tuple(_registry_names(meta["registry"]))
         if allowed is not None and value not in allowed:
             raise ConfigError(source, key, f"{value!r} is not one of {list(allowed)}")
-        for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                                ("le", lambda v, b: v <= b, "<=")):
+        for bound, ok, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+        ):
             b = meta.get(bound)
             if b is not None and isinstance(value, (int, float)) and not ok(value, b):
                 raise ConfigError(source, key, f"{value!r} must be {word} {b}")

@@ -47,9 +47,7 @@ NORM: Registry[type] = Registry("norm")
 FUSION: Registry[type] = Registry("fusion")
 POOLING: Registry[type] = Registry("pooling")
 
-REGISTRIES: dict[str, Registry] = {
-    r.family: r for r in (ATTENTION, POSITIONAL, FFN, NORM, FUSION, POOLING)
-}
+REGISTRIES: dict[str, Registry] = {r.family: r for r in (ATTENTION, POSITIONAL, FFN, NORM, FUSION, POOLING)}
 
 
 def _load_all() -> None:

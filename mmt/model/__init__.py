@@ -1,0 +1,1 @@
+"""The multimodal transformer library: every variant is chosen by name through a registry."""

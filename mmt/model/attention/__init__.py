@@ -1,0 +1,18 @@
+"""Attention kinds, chosen by ``attention.kind``: mha (dense, SDPA), sparse (local + global), strided
+(Child et al. 2019), linear (Katharopoulos et al. 2020); plus cross-attention for fusion and the decoder."""
+
+from mmt.model.attention.base import SelfAttention, safe_key_mask
+from mmt.model.attention.cross import CrossAttention
+from mmt.model.attention.linear import LinearAttention
+from mmt.model.attention.mha import MultiHeadAttention
+from mmt.model.attention.sparse import LocalGlobalAttention, StridedAttention
+
+__all__ = [
+    "CrossAttention",
+    "LinearAttention",
+    "LocalGlobalAttention",
+    "MultiHeadAttention",
+    "SelfAttention",
+    "StridedAttention",
+    "safe_key_mask",
+]

@@ -1,0 +1,208 @@
+"""`MultiModalModel`: encoders per modality, a fusion, task heads and a captioning decoder, composed (no
+inheritance between them) from one `MultiModalConfig`. It knows nothing about devices or distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmt.config.model import MultiModalConfig
+from mmt.model.decoder import CaptionDecoder
+from mmt.model.encoders import AudioEncoder, ImageEncoder, TextEncoder
+from mmt.model.fusion import FusionOutput, build_fusion
+from mmt.model.heads import ContrastiveHead, VQAHead
+from mmt.model.pooling import build_pool
+from mmt.model.spec import resolve_spec
+from mmt.text import build_tokenizer
+
+ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
+
+
+@dataclass
+class MultiModalOutput:
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N_m, D_m) per modality
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N_m) bool, True = real token
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, D_m)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, E), L2-normalised
+    logit_scale: torch.Tensor | None = None  # exp(logit_scale), clamped
+    fused: torch.Tensor | None = None  # (B, D)
+    vqa_logits: torch.Tensor | None = None  # (B, answers)
+    lm_logits: torch.Tensor | None = None  # (B, L, vocab)
+
+
+class MultiModalModel(nn.Module):
+    def __init__(self, cfg: MultiModalConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = cfg.modalities()
+        if not self.modalities:
+            raise ValueError(
+                "the model has no tower: set at least one of model.text / model.image / model.audio"
+            )
+        self.specs = {m: resolve_spec(cfg, getattr(cfg, m)) for m in self.modalities}
+        self.encoders = nn.ModuleDict(
+            {m: ENCODERS[m](getattr(cfg, m), self.specs[m]) for m in self.modalities}
+        )
+        dims = {m: s.dim for m, s in self.specs.items()}
+
+        self.contrastive = ContrastiveHead(cfg.heads, dims) if cfg.heads.contrastive else None
+        self.pools = (
+            nn.ModuleDict(
+                {m: build_pool(getattr(cfg, m).pool, s.dim, s.num_heads) for m, s in self.specs.items()}
+            )
+            if self.contrastive is not None
+            else None
+        )
+
+        self.decoder: CaptionDecoder | None = None
+        needs_fusion = cfg.heads.vqa_answers > 0 or cfg.decoder is not None
+        fusion_spec = resolve_spec(cfg)
+        self.fusion = build_fusion(cfg.fusion, fusion_spec, self.modalities) if needs_fusion else None
+        self.to_fusion = (
+            nn.ModuleDict(
+                {m: (nn.Identity() if d == cfg.dim else nn.Linear(d, cfg.dim)) for m, d in dims.items()}
+            )
+            if needs_fusion
+            else None
+        )
+        self.vqa = VQAHead(cfg.dim, cfg.heads.vqa_answers) if cfg.heads.vqa_answers > 0 else None
+        if cfg.decoder is not None:
+            text = self.encoders["text"] if "text" in self.encoders else None
+            if text is None or text.token_embedding is None:
+                raise ValueError(
+                    "model.decoder needs a text tower with input=raw (the decoder ties its embedding)"
+                )
+            tok = build_tokenizer(cfg.text.tokenizer)
+            dec_spec = resolve_spec(cfg, cfg.decoder)
+            dec_spec.dim = self.specs["text"].dim
+            self.decoder = CaptionDecoder(
+                cfg.decoder, dec_spec, text.token_embedding, cfg.dim, tok.bos_id, tok.eos_id, tok.pad_id
+            )
+
+    # ---- encoding -------------------------------------------------------------------------------------------
+    def encode(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> MultiModalOutput:
+        out = MultiModalOutput()
+        for m, (x, mask) in inputs.items():
+            if m not in self.encoders:
+                raise ValueError(f"got {m} inputs but the model has no {m} tower (model.{m} is not set)")
+            out.features[m], out.masks[m] = self.encoders[m](x, mask)
+        if self.contrastive is not None:
+            out.pooled = {m: self.pools[m](out.features[m], out.masks[m]) for m in out.features}
+            out.embeddings = self.contrastive(out.pooled)
+            out.logit_scale = self.contrastive.scale()
+        return out
+
+    def fuse(self, out: MultiModalOutput, modalities: list[str]) -> FusionOutput:
+        if self.fusion is None:
+            raise ValueError("the model has no fusion (it needs heads.vqa_answers > 0 or a decoder)")
+        if not modalities:
+            raise ValueError("nothing to fuse: no non-text modality was given")
+        return self.fusion({m: (self.to_fusion[m](out.features[m]), out.masks[m]) for m in modalities})
+
+    def forward(
+        self,
+        *,
+        text_inputs: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> MultiModalOutput:
+        given = {
+            m: (x, mask)
+            for m, x, mask in (
+                ("text", text_inputs, text_attention_mask),
+                ("image", image_features, image_attention_mask),
+                ("audio", audio_features, audio_attention_mask),
+            )
+            if x is not None
+        }
+        out = self.encode(given)
+        if self.vqa is not None and out.features:
+            fused = self.fuse(out, list(out.features))
+            out.fused = fused.pooled
+            out.vqa_logits = self.vqa(fused.pooled)
+        if decoder_input_ids is not None:
+            if self.decoder is None:
+                raise ValueError(
+                    "decoder_input_ids given but the model has no decoder (model.decoder is not set)"
+                )
+            memory = self.fuse(out, [m for m in out.features if m != "text"])
+            out.lm_logits = self.decoder(
+                decoder_input_ids, decoder_attention_mask, memory.memory, memory.memory_mask
+            )
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        *,
+        image_features: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Caption the given image / audio: (B, L) token ids starting with bos."""
+        if self.decoder is None:
+            raise ValueError("the model has no decoder (model.decoder is not set)")
+        given = {
+            m: (x, mk)
+            for m, x, mk in (
+                ("image", image_features, image_attention_mask),
+                ("audio", audio_features, audio_attention_mask),
+            )
+            if x is not None
+        }
+        out = self.encode(given)
+        memory = self.fuse(out, list(out.features))
+        return self.decoder.generate(memory.memory, memory.memory_mask, max_new_tokens, num_beams, use_cache)
+
+    # ---- accounting -------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {m: sum(p.numel() for p in enc.parameters()) for m, enc in self.encoders.items()}
+        for name in ("fusion", "decoder", "contrastive", "vqa", "pools"):
+            mod = getattr(self, name)
+            if mod is not None:
+                counts[name] = sum(p.numel() for p in mod.parameters())
+        counts["total"] = self.num_parameters()
+        return counts
+
+    def tokens_per_sample(self) -> dict[str, int]:
+        return {m: enc.num_tokens() for m, enc in self.encoders.items()}
+
+    def flops_per_sample(self) -> dict[str, float]:
+        """Training FLOPs (forward + backward) for one sample at the configured maximum lengths, per part.
+
+        6 x (matmul parameters) x tokens plus the attention score/value products of each attention kind: the
+        usual estimate behind MFU numbers (Kaplan et al. 2020; PaLM appendix B).
+        """
+        tokens = self.tokens_per_sample()
+        flops: dict[str, float] = {}
+        for m, enc in self.encoders.items():
+            embed_params = sum(
+                p.numel()
+                for n, p in enc.named_parameters()
+                if not n.startswith("tower.") and "token_embedding" not in n
+            )
+            flops[m] = enc.tower.forward_flops(tokens[m]) + 6.0 * embed_params * tokens[m]
+        if self.fusion is not None:
+            flops["fusion"] = self.fusion.forward_flops(tokens)
+        if self.decoder is not None:
+            mem = sum(t for m, t in tokens.items() if m != "text")
+            n = self.decoder.cfg.max_len
+            flops["decoder"] = (
+                self.decoder.tower.forward_flops(n, mem) + 6.0 * self.decoder.embedding.weight.numel() * n
+            )
+        flops["total"] = sum(flops.values())
+        return flops
