@@ -52,6 +52,9 @@ class AudioEncoder(nn.Module):
                 raise ValueError(
                     f"audio_features must be (B, T) waveforms for input=raw, got {tuple(inputs.shape)}"
                 )
+            if mask is not None:
+                # Zero the padding first: STFT windows at the end of a clip overlap it.
+                inputs = inputs * mask.to(inputs.dtype)
             frames = self.melspec(inputs)
             if mask is not None:
                 # Frame f is centred on sample f * hop: real while that sample is.
