@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow logging during training and run comparison (`mmt runs`)."""
