@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mmt.config.data import DataConfig
 from mmt.config.model import MultiModalConfig
+from mmt.config.slurm import SlurmConfig
 from mmt.config.tracking import TrackingConfig
 from mmt.config.train import TrainConfig
 
@@ -16,3 +17,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
