@@ -1,0 +1,248 @@
+"""The factories the trainer calls: `build_train_loader` and `build_eval_loader`.
+
+Both read every knob from the typed config (``data.*``, the model's input shapes from ``model.*``, the task from
+``train.task``) and yield batch dicts in the shared contract (see `mmt.data.samples`).
+
+Typical use::
+
+    loader = build_train_loader(cfg, rank, world_size, global_batch=64)
+    if resuming:
+        loader.load_state_dict(client_state["data"])       # also fine on another world size
+    while step < max_steps:
+        for batch in loader:                                # this rank's batches, rest of the current epoch
+            ...; step += 1
+            client_state["data"] = loader.state_dict()     # same on every rank
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from mmt.config import ConfigError
+from mmt.config.root import Config
+from mmt.data import storage
+from mmt.data.faults import DataError, FailureTracker
+from mmt.data.indexed import GlobalBatchSampler, IndexedDataset, IndexedLoader, StridedSampler, WorkerSettings
+from mmt.data.samples import CollateSpec, Collator, SampleDecoder
+from mmt.data.schema import ANSWERS_NAME
+from mmt.data.shards import ShardCatalog, StorageSettings, default_cache_dir, load_answer_vocab
+from mmt.data.streaming import Source, StreamingDataset, StreamingLoader
+from mmt.data.transforms import AudioTransform, ImageTransform
+
+SOURCE = "config"
+
+
+class TrainLoader(Protocol):
+    """What both training loaders offer the trainer."""
+
+    epoch: int
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def data_seed(cfg: Config) -> int:
+    return cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
+
+
+def storage_settings(cfg: Config) -> StorageSettings:
+    d = cfg.data
+    return StorageSettings(
+        cache_dir=d.cache_dir or default_cache_dir(),
+        endpoint_url=storage.resolve_endpoint(d.endpoint_url),
+        retries=d.retries,
+        backoff_s=d.retry_backoff_s,
+    )
+
+
+def worker_settings(cfg: Config) -> WorkerSettings:
+    d = cfg.data
+    return WorkerSettings(d.num_workers, d.prefetch_factor, d.persistent_workers, d.start_method)
+
+
+def train_sources(cfg: Config) -> list[Source]:
+    if cfg.data.sources:
+        return [Source(storage.expand(s.urls), s.weight) for s in cfg.data.sources]
+    if not cfg.data.train_urls:
+        raise ConfigError(
+            SOURCE, "data.train_urls", "no training shards (set data.train_urls or data.sources)"
+        )
+    return [Source(storage.expand(cfg.data.train_urls))]
+
+
+def answer_vocab(cfg: Config, settings: StorageSettings) -> list[str]:
+    """The VQA vocabulary: ``data.answer_vocab``, else ``answers.json`` beside the first training shard."""
+    path = cfg.data.answer_vocab
+    if not path:
+        first = train_sources(cfg)[0].urls[0]
+        path = storage.join(storage.dirname(first), ANSWERS_NAME)
+    try:
+        vocab = load_answer_vocab(path, settings)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            SOURCE, "data.answer_vocab", f"cannot read the VQA answer vocabulary {path}: {e}"
+        ) from e
+    if cfg.model.heads.vqa_answers != len(vocab):
+        raise ConfigError(
+            SOURCE,
+            "model.heads.vqa_answers",
+            f"is {cfg.model.heads.vqa_answers} but the answer vocabulary {path} has {len(vocab)} answers",
+        )
+    return vocab
+
+
+def build_codec(cfg: Config, train: bool, settings: StorageSettings) -> tuple[SampleDecoder, Collator]:
+    """The per-sample decoder and the batch collator for ``cfg.train.task`` and the model's towers."""
+    from mmt.text import build_tokenizer
+
+    m, task = cfg.model, cfg.train.task
+    modalities = tuple(m.modalities())
+    for name in modalities:
+        if getattr(m, name).input == "features":
+            raise ConfigError(
+                SOURCE, f"model.{name}.input", "precomputed features are not produced by mmt.data"
+            )
+    tokenizer, text_len = None, 0
+    if m.text is not None:
+        tokenizer = build_tokenizer(m.text.tokenizer)
+        text_len = cfg.data.text_max_len or m.text.max_len
+        if task == "captioning" and m.decoder is not None:
+            text_len = min(text_len, m.decoder.max_len)
+    image = audio = None
+    image_shape: tuple[int, int, int] = (3, 1, 1)
+    audio_len, audio_mels = 1, 0
+    if m.image is not None:
+        if m.image.channels != len(cfg.data.image.mean):
+            raise ConfigError(
+                SOURCE, "data.image.mean", f"needs {m.image.channels} entries (model.image.channels)"
+            )
+        image = ImageTransform(m.image.image_size, cfg.data.image, train)
+        image_shape = (m.image.channels, m.image.image_size, m.image.image_size)
+    if m.audio is not None:
+        spec = (m.audio.n_fft, m.audio.hop_length, m.audio.n_mels) if m.audio.input == "spectrogram" else None
+        audio = AudioTransform(m.audio.sample_rate, m.audio.max_seconds, cfg.data.audio, train, spec)
+        audio_len = audio.max_samples
+        if spec is not None:
+            audio_len, audio_mels = audio_len // m.audio.hop_length + 1, m.audio.n_mels
+    vocab = answer_vocab(cfg, settings) if task == "vqa" else None
+    decoder = SampleDecoder(
+        task,
+        modalities,
+        train=train,
+        tokenizer=tokenizer,
+        text_max_len=text_len,
+        caption_choice=cfg.data.caption_choice,
+        image=image,
+        audio=audio,
+        answer_vocab=vocab,
+    )
+    collate = Collator(
+        CollateSpec(
+            task=task,
+            modalities=modalities,
+            pad_id=tokenizer.pad_id if tokenizer is not None else 0,
+            image_shape=image_shape,
+            audio_len=audio_len,
+            audio_mels=audio_mels,
+            num_answers=len(vocab or []),
+        )
+    )
+    return decoder, collate
+
+
+def _catalog(urls: list[str], cfg: Config, settings: StorageSettings, key: str) -> ShardCatalog:
+    if not urls:
+        raise ConfigError(SOURCE, key, "no shards")
+    os.makedirs(settings.cache_dir, exist_ok=True)
+    catalog = ShardCatalog.open(urls, settings)
+    failed = catalog.num_requested - len(catalog.urls)
+    if not catalog.urls or failed / catalog.num_requested > cfg.data.max_failure_fraction:
+        details = "; ".join(f"{u}: {e}" for u, k, e in catalog.failures if k == "<shard>")
+        raise DataError(
+            f"{failed} of {catalog.num_requested} shards of {key} unreadable, more than "
+            f"data.max_failure_fraction={cfg.data.max_failure_fraction}: {details}"
+        )
+    if catalog.num_samples == 0:
+        raise DataError(f"the shards of {key} hold no samples: {urls[:3]}...")
+    return catalog
+
+
+def _tracker(cfg: Config) -> FailureTracker:
+    return FailureTracker(cfg.data.max_failure_fraction, cfg.data.failure_check_after)
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: int) -> TrainLoader:
+    """This rank's training loader.
+
+    ``global_batch`` is the number of samples per optimizer step over all ranks (must divide by
+    ``world_size``); each rank's batches hold ``global_batch // world_size`` samples (fewer only where samples
+    were unreadable). ``data.loader`` picks the exact-resume indexed loader (default) or the webdataset
+    streaming one. The returned loader has ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``.
+    """
+    if global_batch % world_size:
+        raise ConfigError(
+            SOURCE, "global batch", f"{global_batch} is not a multiple of the world size {world_size}"
+        )
+    settings = storage_settings(cfg)
+    decoder, collate = build_codec(cfg, True, settings)
+    sources = train_sources(cfg)
+    seed = data_seed(cfg)
+    if cfg.data.loader == "streaming":
+        dataset = StreamingDataset(
+            sources,
+            rank=rank,
+            world_size=world_size,
+            batch_size=global_batch // world_size,
+            decoder=decoder,
+            collate=collate,
+            settings=settings,
+            seed=seed,
+            shuffle=cfg.data.shuffle,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=cfg.data.resampled,
+            partial=False,
+        )
+        return StreamingLoader(dataset, worker_settings(cfg), _tracker(cfg))
+    if any(s.weight != sources[0].weight for s in sources):
+        raise ConfigError(SOURCE, "data.sources", "weights other than equal need data.loader=streaming")
+    if cfg.data.resampled:
+        raise ConfigError(SOURCE, "data.resampled", "resampled mode needs data.loader=streaming")
+    urls = [u for s in sources for u in s.urls]
+    catalog = _catalog(urls, cfg, settings, "data.train_urls")
+    sampler = GlobalBatchSampler(
+        catalog.counts,
+        seed=seed,
+        global_batch=global_batch,
+        rank=rank,
+        world_size=world_size,
+        shuffle=cfg.data.shuffle,
+        shard_window=cfg.data.shard_window,
+    )
+    if len(sampler) == 0:
+        raise DataError(
+            f"{catalog.num_samples} training samples do not fill one global batch of {global_batch}"
+        )
+    dataset = IndexedDataset(catalog, settings, decoder, seed)
+    return IndexedLoader(dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures)
+
+
+def build_eval_loader(cfg: Config, rank: int, world_size: int, batch_size: int) -> IndexedLoader:
+    """This rank's part of ``data.val_urls``: samples ``rank, rank + world_size, ...`` in order, no augmentation,
+    batches of ``batch_size`` (the last may be smaller); every sample is seen once over all ranks."""
+    if not cfg.data.val_urls:
+        raise ConfigError(SOURCE, "data.val_urls", "no evaluation shards")
+    settings = storage_settings(cfg)
+    decoder, collate = build_codec(cfg, False, settings)
+    catalog = _catalog(storage.expand(cfg.data.val_urls), cfg, settings, "data.val_urls")
+    sampler = StridedSampler(catalog.num_samples, batch_size, rank, world_size)
+    dataset = IndexedDataset(catalog, settings, decoder, data_seed(cfg))
+    return IndexedLoader(dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures)

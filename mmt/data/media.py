@@ -1,0 +1,100 @@
+"""Image and audio decoding / encoding shared by the shard builder and the loader (Pillow, soundfile, numpy)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode fully (``verify`` + ``load``) so a truncated or corrupt file fails here, not later; RGB out."""
+    with Image.open(io.BytesIO(data)) as probe:
+        probe.verify()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert("RGB")
+    return img
+
+
+def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """img2dataset's resize modes: ``keep_ratio`` (shorter side = size), ``center_crop`` (then crop to a square),
+    ``border`` (longer side = size, padded to a square with black), ``no``."""
+    if mode == "no" or size <= 0:
+        return img
+    w, h = img.size
+    if mode in ("keep_ratio", "center_crop"):
+        scale = size / min(w, h)
+    elif mode == "border":
+        scale = size / max(w, h)
+    else:
+        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if mode == "center_crop":
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif mode == "border":
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        img = canvas
+    return img
+
+
+def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    if fmt in ("jpg", "jpeg"):
+        img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    elif fmt == "png":
+        img.save(buf, format="PNG", optimize=False)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}")
+    return buf.getvalue()
+
+
+def image_format_ext(data: bytes) -> str:
+    """The canonical extension (``jpg``, ``png``, ...) of encoded image bytes, from their header."""
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """(mono float32 waveform in [-1, 1], sample rate) from wav / flac / ogg bytes."""
+    import soundfile as sf
+
+    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    if wav.shape[0] == 0:
+        raise ValueError("audio has no samples")
+    return wav.mean(axis=1).astype(np.float32), int(sr)
+
+
+def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling in the frequency domain (truncate or zero-pad the spectrum)."""
+    if sr_in == sr_out or wav.size == 0:
+        return wav.astype(np.float32, copy=False)
+    n_out = max(1, int(round(wav.size * sr_out / sr_in)))
+    spec = np.fft.rfft(wav.astype(np.float64))
+    out = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    m = min(spec.size, out.size)
+    out[:m] = spec[:m]
+    return (np.fft.irfft(out, n=n_out) * (n_out / wav.size)).astype(np.float32)
+
+
+def encode_audio(wav: np.ndarray, sr: int, fmt: str = "wav") -> bytes:
+    """16-bit PCM wav or flac."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav, -1.0, 1.0), sr, format=fmt.upper(), subtype="PCM_16")
+    return buf.getvalue()

@@ -1,0 +1,203 @@
+"""Raw tar members -> decoded tensors (`SampleDecoder`) -> padded task batches (`Collator`).
+
+The batch is the contract the trainer passes to the model: forward kwargs (``text_inputs``,
+``text_attention_mask``, ``image_features``, ``audio_features``, ``audio_attention_mask``), ``keys``,
+``<modality>_present`` for every modality the model has (an absent row has zero data and an all-False mask) and,
+for VQA, ``answer_targets`` = min(1, count / 3) soft scores over the answer vocabulary. Captioning uses
+``text_inputs`` / ``text_attention_mask`` as decoder input and targets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmt.data import media
+from mmt.data.schema import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, first_of, normalize_answer
+from mmt.data.transforms import AudioTransform, ImageTransform
+from mmt.text import Tokenizer
+
+TASKS = ("retrieval", "vqa", "captioning")
+
+
+@dataclass
+class SampleFailure:
+    """A sample (or a whole shard, key ``<shard>``) that could not be read or decoded."""
+
+    url: str
+    key: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.url}: sample {self.key!r}: {self.error}"
+
+
+def _json(raw: dict[str, bytes]) -> dict[str, Any]:
+    if "json" not in raw:
+        return {}
+    meta = json.loads(raw["json"])
+    return meta if isinstance(meta, dict) else {}
+
+
+def captions_of(raw: dict[str, bytes], meta: dict[str, Any]) -> list[str]:
+    """``json["captions"]`` (list), else ``json["caption"]``, else the ``.txt`` member."""
+    caps = meta.get("captions")
+    if isinstance(caps, list) and caps:
+        return [str(c) for c in caps if str(c).strip()]
+    if isinstance(meta.get("caption"), str) and meta["caption"].strip():
+        return [meta["caption"]]
+    txt = first_of(raw, TEXT_EXTS)
+    if txt is not None:
+        text = txt[1].decode("utf-8").strip()
+        return [text] if text else []
+    return []
+
+
+def answers_of(meta: dict[str, Any]) -> list[str]:
+    answers = meta.get("answers", meta.get("answer", []))
+    if isinstance(answers, str):
+        answers = [answers]
+    out = []
+    for a in answers or []:
+        if isinstance(a, dict):
+            a = a.get("answer", "")
+        out.append(normalize_answer(str(a)))
+    return out
+
+
+def soft_scores(answers: list[str], vocab: dict[str, int]) -> torch.Tensor:
+    """VQA accuracy targets: an answer given by n annotators scores min(1, n / 3); unknown answers are dropped."""
+    target = torch.zeros(len(vocab))
+    for answer, n in Counter(answers).items():
+        if answer in vocab:
+            target[vocab[answer]] = min(1.0, n / 3.0)
+    return target
+
+
+class SampleDecoder:
+    """Decode one sample's members for ``task`` and the model's ``modalities``; raises on a broken sample."""
+
+    def __init__(
+        self,
+        task: str,
+        modalities: tuple[str, ...],
+        *,
+        train: bool,
+        tokenizer: Tokenizer | None = None,
+        text_max_len: int = 64,
+        caption_choice: str = "random",
+        image: ImageTransform | None = None,
+        audio: AudioTransform | None = None,
+        answer_vocab: list[str] | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is not one of {TASKS}")
+        self.task, self.modalities, self.train = task, modalities, train
+        self.tokenizer, self.text_max_len, self.caption_choice = tokenizer, text_max_len, caption_choice
+        self.image, self.audio = image, audio
+        self.vocab = {normalize_answer(a): i for i, a in enumerate(answer_vocab or [])}
+        if task == "vqa" and not self.vocab:
+            raise ValueError("task vqa needs an answer vocabulary")
+
+    def __call__(self, key: str, raw: dict[str, bytes], rng: np.random.Generator) -> dict[str, Any]:
+        meta = _json(raw)
+        out: dict[str, Any] = {"key": key}
+        if "text" in self.modalities and self.tokenizer is not None:
+            if self.task == "vqa":
+                question = meta.get("question")
+                if not isinstance(question, str) or not question.strip():
+                    raise ValueError("task vqa: no 'question' in the sample's json")
+                text = question
+            else:
+                caps = captions_of(raw, meta)
+                if not caps:
+                    text = None
+                elif self.train and self.caption_choice == "random" and len(caps) > 1:
+                    text = caps[int(rng.integers(len(caps)))]
+                else:
+                    text = caps[0]
+            if text is not None:
+                out["text"] = torch.tensor(self.tokenizer.encode(text, self.text_max_len), dtype=torch.long)
+        if "image" in self.modalities and self.image is not None:
+            found = first_of(raw, IMAGE_EXTS)
+            if found is not None:
+                out["image"] = self.image(media.open_image(found[1]), rng)
+        if "audio" in self.modalities and self.audio is not None:
+            found = first_of(raw, AUDIO_EXTS)
+            if found is not None:
+                out["audio"] = self.audio(found[1], rng)
+        if self.task == "vqa":
+            out["answer_targets"] = soft_scores(answers_of(meta), self.vocab)
+        return out
+
+
+@dataclass(frozen=True)
+class CollateSpec:
+    task: str
+    modalities: tuple[str, ...]
+    pad_id: int = 0
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    audio_len: int = 8000  # waveform samples, or spectrogram frames
+    audio_mels: int = 0  # 0: waveform (B, T); > 0: spectrogram (B, frames, n_mels)
+    num_answers: int = 0
+
+
+class Collator:
+    """List of decoded samples (or `SampleFailure`) -> ``(batch dict or None, failures)``.
+
+    Failures ride along so the main process can count and log them; the trainer sees only the batch.
+    """
+
+    def __init__(self, spec: CollateSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, items: list[Any]) -> tuple[dict[str, Any] | None, list[SampleFailure]]:
+        failures = [it for it in items if isinstance(it, SampleFailure)]
+        rows = [it for it in items if not isinstance(it, SampleFailure)]
+        if not rows:
+            return None, failures
+        s, b = self.spec, len(rows)
+        batch: dict[str, Any] = {"keys": [r["key"] for r in rows]}
+        if "text" in s.modalities:
+            seqs = [r.get("text") for r in rows]
+            length = max([1] + [len(t) for t in seqs if t is not None])
+            ids = torch.full((b, length), s.pad_id, dtype=torch.long)
+            mask = torch.zeros(b, length, dtype=torch.bool)
+            for i, t in enumerate(seqs):
+                if t is not None:
+                    ids[i, : len(t)] = t
+                    mask[i, : len(t)] = True
+            batch.update(text_inputs=ids, text_attention_mask=mask)
+            batch["text_present"] = torch.tensor([t is not None for t in seqs])
+        if "image" in s.modalities:
+            pixels = torch.zeros(b, *s.image_shape)
+            present = torch.zeros(b, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                if r.get("image") is not None:
+                    pixels[i] = r["image"]
+                    present[i] = True
+            batch.update(image_features=pixels, image_present=present)
+        if "audio" in s.modalities:
+            shape = (b, s.audio_len, s.audio_mels) if s.audio_mels else (b, s.audio_len)
+            feats = torch.zeros(shape)
+            mask = torch.zeros(b, s.audio_len, dtype=torch.bool)
+            present = torch.zeros(b, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                a = r.get("audio")
+                if a is not None:
+                    n = min(a.shape[0], s.audio_len)
+                    feats[i, :n] = a[:n]
+                    mask[i, :n] = True
+                    present[i] = True
+            batch.update(audio_features=feats, audio_attention_mask=mask, audio_present=present)
+        if s.task == "vqa":
+            targets = torch.zeros(b, s.num_answers)
+            for i, r in enumerate(rows):
+                targets[i] = r["answer_targets"]
+            batch["answer_targets"] = targets
+        return batch, failures

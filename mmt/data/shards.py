@@ -1,0 +1,265 @@
+"""The shard catalog (which shards, how many samples, where each sample lies) and the per-worker sample reader.
+
+`ShardCatalog.open` finds every shard's index: the builder's ``<shard>.idx.json`` sidecar when its size
+matches the shard, else a cached scan, else a fresh scan of the tar headers (remote shards are fetched whole into
+the node-local cache first). A missing or unreadable shard is skipped and listed in ``failures``; the caller
+decides whether too many failed.
+
+`SampleReader` turns (shard, sample) into the sample's members: it seeks to the sample's byte range in the local
+file (or the cached copy of a remote shard) and parses just that range with webdataset's tar iterator.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from webdataset.tariterators import tar_file_iterator
+
+from mmt.data import storage
+from mmt.data.schema import INDEX_SUFFIX, split_member
+from mmt.data.tarindex import ShardIndex, scan_file
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> str:
+    import tempfile
+
+    return os.environ.get("MMT_DATA_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"mmt-data-cache-{os.getuid()}"
+    )
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """What a worker needs to reach the shards: picklable, no live filesystem objects."""
+
+    cache_dir: str
+    endpoint_url: str = ""
+    retries: int = 4
+    backoff_s: float = 0.5
+
+
+class ShardCache:
+    """Whole remote shards copied to node-local disk once, shared by every rank and worker on the node.
+
+    A per-shard ``flock`` makes concurrent readers wait for one download instead of each fetching the shard.
+    """
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+        self.root = os.path.join(settings.cache_dir, "shards")
+
+    def path_for(self, url: str) -> str:
+        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+        return os.path.join(self.root, f"{digest}-{os.path.basename(url)}")
+
+    def fetch(self, url: str, expected_size: int | None = None) -> str:
+        if not storage.is_remote(url):
+            return url.removeprefix("file://")
+        path = self.path_for(url)
+        if os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size):
+            return path
+        os.makedirs(self.root, exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not (
+                    os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size)
+                ):
+                    s = self.settings
+                    storage.download(url, path, s.endpoint_url, s.retries, s.backoff_s)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return path
+
+
+@dataclass
+class ShardCatalog:
+    urls: list[str]
+    sizes: list[int]
+    keys: list[list[str]]
+    spans: list[np.ndarray]  # per shard: (n, 2) int64 [start, end)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (url, key, error)
+    num_requested: int = 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([len(k) for k in self.keys], dtype=np.int64)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(len(k) for k in self.keys))
+
+    def fingerprint(self) -> str:
+        """Identifies the sample order's basis: shard URLs and sample counts (not the storage location's host)."""
+        h = hashlib.sha1()
+        for url, keys in zip(self.urls, self.keys):
+            h.update(f"{os.path.basename(url)}:{len(keys)};".encode())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def open(cls, urls: list[str], settings: StorageSettings, threads: int = 8) -> ShardCatalog:
+        """Index every shard of ``urls`` (in order); a shard that cannot be indexed is listed in ``failures``."""
+        sizes = _list_sizes(urls, settings)
+        with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
+            results = list(pool.map(lambda u: _index_one(u, sizes.get(u), settings), urls))
+        cat = cls(urls=[], sizes=[], keys=[], spans=[], num_requested=len(urls))
+        for url, (index, error) in zip(urls, results):
+            if index is None:
+                cat.failures.append((url, "<shard>", error or "unreadable"))
+                log.warning("skipping shard %s: %s", url, error)
+                continue
+            for err in index.errors:
+                cat.failures.append((url, "<tail>", err))
+                log.warning("shard %s is damaged, using the samples before the damage: %s", url, err)
+            cat.urls.append(url)
+            cat.sizes.append(index.size)
+            cat.keys.append([s.key for s in index.samples])
+            cat.spans.append(
+                np.array([[s.start, s.end] for s in index.samples], dtype=np.int64).reshape(-1, 2)
+            )
+        return cat
+
+
+def _list_sizes(urls: list[str], settings: StorageSettings) -> dict[str, int]:
+    """Shard sizes; one listing per remote folder instead of one HEAD per shard."""
+    sizes: dict[str, int] = {}
+    remote_dirs = sorted({storage.dirname(u) for u in urls if storage.is_remote(u)})
+    for d in remote_dirs:
+        fs, path = storage.filesystem(d, settings.endpoint_url)
+        proto = storage.protocol(d)
+        try:
+            entries = storage.retry(
+                lambda fs=fs, path=path: fs.ls(path, detail=True, refresh=True),
+                f"listing {d}",
+                settings.retries,
+                settings.backoff_s,
+            )
+        except (FileNotFoundError, storage.StorageError) as e:
+            log.warning("cannot list %s: %s", d, e)
+            continue
+        for e in entries:
+            if e.get("type") == "file":
+                sizes[f"{proto}://{e['name']}"] = int(e["size"])
+    for u in urls:
+        if not storage.is_remote(u):
+            p = u.removeprefix("file://")
+            if os.path.isfile(p):
+                sizes[u] = os.path.getsize(p)
+    return sizes
+
+
+def _computed_index_path(url: str, size: int, settings: StorageSettings) -> str:
+    digest = hashlib.sha1(f"{url}\0{size}".encode()).hexdigest()[:20]
+    return os.path.join(settings.cache_dir, "index", digest + INDEX_SUFFIX)
+
+
+def _index_one(url: str, size: int | None, settings: StorageSettings) -> tuple[ShardIndex | None, str | None]:
+    if size is None:
+        return None, "shard not found"
+    sidecar = url + INDEX_SUFFIX
+    try:
+        data = storage.read_bytes(sidecar, settings.endpoint_url, settings.retries, settings.backoff_s)
+        index = ShardIndex.from_json(data, sidecar)
+        if index.size == size:
+            return index, None
+        log.warning("%s: index is for %d bytes but the shard has %d; rescanning", sidecar, index.size, size)
+    except FileNotFoundError:
+        pass
+    except (ValueError, storage.StorageError) as e:
+        log.warning("%s: %s; rescanning the shard", sidecar, e)
+    cached = _computed_index_path(url, size, settings)
+    if os.path.exists(cached):
+        try:
+            with open(cached) as f:
+                return ShardIndex.from_json(f.read(), cached), None
+        except (OSError, ValueError):
+            pass
+    try:
+        local = ShardCache(settings).fetch(url, size)
+        index = scan_file(local, url)
+    except (OSError, storage.StorageError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    if not index.samples and index.errors:
+        return None, "; ".join(index.errors)
+    try:
+        storage.write_bytes(index.to_json().encode(), cached)
+    except OSError as e:  # a read-only cache only costs a rescan next time
+        log.warning("cannot cache the index of %s: %s", url, e)
+    return index, None
+
+
+class SampleReader:
+    """Reads samples by (shard, position) from local files; keeps a few file handles open per process."""
+
+    def __init__(self, catalog: ShardCatalog, settings: StorageSettings, max_open: int = 16) -> None:
+        self.catalog, self.settings, self.max_open = catalog, settings, max_open
+        self._files: OrderedDict[int, io.BufferedReader] = OrderedDict()
+        self._cache: ShardCache | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()
+        state["_cache"] = None
+        return state
+
+    def _file(self, shard: int) -> io.BufferedReader:
+        f = self._files.get(shard)
+        if f is not None:
+            self._files.move_to_end(shard)
+            return f
+        if self._cache is None:
+            self._cache = ShardCache(self.settings)
+        path = self._cache.fetch(self.catalog.urls[shard], self.catalog.sizes[shard])
+        f = open(path, "rb")  # noqa: SIM115 -- kept open for later samples of the same shard
+        self._files[shard] = f
+        while len(self._files) > self.max_open:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def read(self, shard: int, pos: int) -> tuple[str, dict[str, bytes]]:
+        """``(key, {ext: bytes})``; raises with a message naming the problem when the range is not that sample."""
+        key = self.catalog.keys[shard][pos]
+        start, end = (int(x) for x in self.catalog.spans[shard][pos])
+        f = self._file(shard)
+        f.seek(start)
+        data = f.read(end - start)
+        if len(data) != end - start:
+            raise ValueError(
+                f"shard is shorter than its index ({len(data)} of {end - start} bytes at {start})"
+            )
+        members: dict[str, bytes] = {}
+        for item in tar_file_iterator(io.BytesIO(data)):
+            parts = split_member(item["fname"])
+            if parts is None:
+                continue
+            if parts[0] != key:
+                raise ValueError(f"member {item['fname']!r} does not belong to sample {key!r}: stale index?")
+            members[parts[1]] = item["data"]
+        if not members:
+            raise ValueError("no members at the indexed offset: stale index?")
+        return key, members
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def load_answer_vocab(url: str, settings: StorageSettings) -> list[str]:
+    """``{"answers": [...]}`` or a plain JSON list."""
+    data = json.loads(storage.read_bytes(url, settings.endpoint_url, settings.retries, settings.backoff_s))
+    answers = data.get("answers") if isinstance(data, dict) else data
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{url}: expected a JSON list of answers or {{'answers': [...]}}")
+    return answers
