@@ -208,6 +208,21 @@ def test_compare_experiment_with_filter(store, capsys, tmp_path):
     }
 
 
+def test_search_follows_page_tokens(store, monkeypatch, capsys):
+    """With a page size of 2 every search spans several pages: nothing may be lost or repeated."""
+    from mmt.tracking import runs
+
+    monkeypatch.setattr(runs, "_PAGE_SIZE", 2)
+    client = MlflowClient(store.uri)
+    exp_ids = list(runs.experiments_by_id(client))  # Default, cmp, other: two pages
+    assert len(exp_ids) == 3
+    found = runs.search_runs(client, exp_ids)
+    assert [r.info.run_id for r in found] == [store.other.run_id, store.linear.run_id, store.softmax.run_id]
+    assert len(runs.search_runs(client, exp_ids, limit=3)) == 3
+    rc, out, _ = _run_cli(capsys, "list", "--tracking-uri", store.uri, "--limit", "3")
+    assert rc == 0 and all(r.run_id in out for r in (store.softmax, store.linear, store.other))
+
+
 def _has_color(img: Image.Image, rgb: tuple[int, int, int]) -> bool:
     return any(c[1][:3] == rgb for c in img.convert("RGB").getcolors(maxcolors=1 << 20))
 

@@ -54,6 +54,9 @@ def test_metric_stats_final_and_best():
     s = MetricStats.from_points(pts, "max")
     assert (s.best, s.best_step) == (2.0, 0)
     assert MetricStats.from_points([], "max").final is None
+    nan = MetricPoint(3, 40, float("nan"))  # a diverged last step: final says so, best ignores it
+    s = MetricStats.from_points([*pts, nan], "min")
+    assert s.final != s.final and (s.best, s.best_step) == (0.5, 1)
 
 
 def test_plot_size_parsing():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -174,7 +175,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             where = f" matching --filter {args.filter!r}" if args.filter else ""
             raise RunsError(f"no runs in experiment {args.experiment!r}{where} at {client.tracking_uri}")
     else:
-        runs = get_runs(client, args.run_ids)
+        runs = get_runs(client, list(dict.fromkeys(args.run_ids)))
     # validate plot options before the (slow) history requests
     from mmt.tracking import runs_plot
 
@@ -236,13 +237,16 @@ def _pick_best(client, runs: list[Run], metric: str, mode: str, by: str) -> tupl
     if by == "final":
         for r in runs:
             steps = {m.key: m.step for m in r.data.to_proto().metrics}
-            candidates.append((r, r.data.metrics[metric], steps.get(metric)))
+            if math.isfinite(r.data.metrics[metric]):  # a run that ended on NaN is not a candidate
+                candidates.append((r, r.data.metrics[metric], steps.get(metric)))
     else:
         histories = metric_histories(client, runs, [metric])
         for r in runs:
             stats = MetricStats.from_points(histories[r.info.run_id].get(metric, []), mode)
             if stats.best is not None:
                 candidates.append((r, stats.best, stats.best_step))
+    if not candidates:
+        raise RunsError(f"every run's {by} value of {metric!r} is NaN or infinite")
     sign = 1.0 if mode == "max" else -1.0
     return max(candidates, key=lambda c: sign * c[1])
 

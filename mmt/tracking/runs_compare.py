@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -40,8 +41,11 @@ class MetricStats:
         if not points:
             return cls(mode)
         last = points[-1]
+        finite = [p for p in points if math.isfinite(p.value)]  # a NaN / inf (diverged step) is never "best"
+        if not finite:
+            return cls(mode, last.value, last.step)
         pick = min if mode == "min" else max
-        best = pick(points, key=lambda p: p.value)
+        best = pick(finite, key=lambda p: p.value)
         return cls(mode, last.value, last.step, best.value, best.step)
 
 
