@@ -27,8 +27,9 @@ def tiny_config(**shared) -> MultiModalConfig:
         attention=attention,
         text=TextEncoderConfig(max_len=24),
         image=ImageEncoderConfig(image_size=16, patch_size=4),
-        audio=AudioEncoderConfig(sample_rate=4000, n_fft=128, hop_length=64, n_mels=16, patch_frames=2,
-                                 max_seconds=0.5),
+        audio=AudioEncoderConfig(
+            sample_rate=4000, n_fft=128, hop_length=64, n_mels=16, patch_frames=2, max_seconds=0.5
+        ),
         fusion=fusion,
         decoder=DecoderConfig(depth=1, max_len=24),
         heads=HeadsConfig(embed_dim=16, vqa_answers=5),
@@ -63,7 +64,9 @@ def scramble_padding(batch: dict[str, torch.Tensor], seed: int = 1) -> dict[str,
     tm = batch["text_attention_mask"]
     noise_ids = torch.randint(3, 259, tm.shape, generator=g)
     out["text_inputs"] = torch.where(tm, batch["text_inputs"], noise_ids)
-    out["decoder_input_ids"] = torch.where(batch["decoder_attention_mask"], batch["decoder_input_ids"], noise_ids)
+    out["decoder_input_ids"] = torch.where(
+        batch["decoder_attention_mask"], batch["decoder_input_ids"], noise_ids
+    )
     am = batch["audio_attention_mask"]
     out["audio_features"] = torch.where(am, batch["audio_features"], 5 * torch.randn(am.shape, generator=g))
     return out

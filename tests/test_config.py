@@ -31,11 +31,14 @@ def test_defaults_include_and_overrides(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    cfg = load_config("configs/model/tiny_tri.yaml", ["attention.kind=sparse", "audio.depth=1"],
-                      schema=MultiModalConfig)
+    cfg = load_config(
+        "configs/model/tiny_tri.yaml", ["attention.kind=sparse", "audio.depth=1"], schema=MultiModalConfig
+    )
     assert cfg.attention.kind == "sparse" and cfg.audio.depth == 1
     run = tmp_path / "run.yaml"
-    run.write_text("model: " + str(__import__("pathlib").Path("configs/model/tiny_tri.yaml").resolve()) + "\n")
+    run.write_text(
+        "model: " + str(__import__("pathlib").Path("configs/model/tiny_tri.yaml").resolve()) + "\n"
+    )
     full = load_config(run, ["model.attention.kind=sparse", "model.audio.depth=1", "tracking.run_name=x"])
     assert full.model == cfg
     saved = save_config(full, tmp_path / "config.yaml")
@@ -46,17 +49,24 @@ def test_round_trip(tmp_path):
     assert load_config(json_path) == full
 
 
-@pytest.mark.parametrize("text,key,words", [
-    ("model: {bogus: 1}\n", "model.bogus", "not in"),
-    ("model: {depth: deep}\n", "model.depth", "could not be converted"),
-    ("model: {dim: 0}\n", "model.dim", ">= 1"),
-    ("model: {attention: {kind: fancy}}\n", "model.attention.kind", "'fancy' is not one of"),
-    ("model: {ffn: relu2}\n", "model.ffn", "is not one of"),
-    ("model: {num_heads: 5}\n", "model.num_heads", "do not divide"),
-    ("model: {text: {}, attention: {kind: linear}, positional: relative}\n", "model.attention.kind", "relative"),
-    ("model: {image: {patch_size: 5}}\n", "model.image.patch_size", "does not divide"),
-    ("train: {task: translation}\n", "train.task", "is not one of"),
-])
+@pytest.mark.parametrize(
+    "text,key,words",
+    [
+        ("model: {bogus: 1}\n", "model.bogus", "not in"),
+        ("model: {depth: deep}\n", "model.depth", "could not be converted"),
+        ("model: {dim: 0}\n", "model.dim", ">= 1"),
+        ("model: {attention: {kind: fancy}}\n", "model.attention.kind", "'fancy' is not one of"),
+        ("model: {ffn: relu2}\n", "model.ffn", "is not one of"),
+        ("model: {num_heads: 5}\n", "model.num_heads", "do not divide"),
+        (
+            "model: {text: {}, attention: {kind: linear}, positional: relative}\n",
+            "model.attention.kind",
+            "relative",
+        ),
+        ("model: {image: {patch_size: 5}}\n", "model.image.patch_size", "does not divide"),
+        ("train: {task: translation}\n", "train.task", "is not one of"),
+    ],
+)
 def test_bad_file_values_name_file_and_key(tmp_path, text, key, words):
     path = _write(tmp_path / "bad.yaml", text)
     with pytest.raises(ConfigError) as err:
@@ -67,12 +77,15 @@ def test_bad_file_values_name_file_and_key(tmp_path, text, key, words):
     assert str(path) in str(err.value) and key in str(err.value)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.attention.kindd=mha", "model.attention.kindd"),
-    ("model.depth=1.5", "model.depth"),
-    ("model.audio.n_mels=-3", "model.audio.n_mels"),
-    ("nodots", "nodots"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.attention.kindd=mha", "model.attention.kindd"),
+        ("model.depth=1.5", "model.depth"),
+        ("model.audio.n_mels=-3", "model.audio.n_mels"),
+        ("nodots", "nodots"),
+    ],
+)
 def test_bad_override_names_override_and_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -93,11 +106,17 @@ def test_missing_and_unparsable_files(tmp_path):
 def test_create_model_from_design_doc_json():
     import torch
 
-    model = create_model("configs/base_text_image_model.json", ["depth=1", "image.image_size=32",
-                                                               "decoder.depth=1", "fusion.depth=1"])
+    model = create_model(
+        "configs/base_text_image_model.json",
+        ["depth=1", "image.image_size=32", "decoder.depth=1", "fusion.depth=1"],
+    )
     b = 2
-    out = model(text_inputs=torch.randint(3, 259, (b, 10)), text_attention_mask=torch.ones(b, 10, dtype=torch.bool),
-                image_features=torch.randn(b, 3, 32, 32), image_attention_mask=None)
+    out = model(
+        text_inputs=torch.randint(3, 259, (b, 10)),
+        text_attention_mask=torch.ones(b, 10, dtype=torch.bool),
+        image_features=torch.randn(b, 3, 32, 32),
+        image_attention_mask=None,
+    )
     assert out.embeddings["text"].shape == (b, 512)
     assert out.embeddings["image"].shape == (b, 512)
     assert 0 < float(out.logit_scale.detach()) <= 100

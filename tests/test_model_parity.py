@@ -94,11 +94,14 @@ def _dense_reference(layer, q, k, v, mask, causal, bias=None):
     return torch.softmax(scores, -1) @ v
 
 
-@pytest.mark.parametrize("cls,cfg", [
-    (LocalGlobalAttention, AttentionConfig(kind="sparse", window=4, num_global=2)),
-    (LocalGlobalAttention, AttentionConfig(kind="sparse", window=5, num_global=0)),
-    (StridedAttention, AttentionConfig(kind="strided", stride=4)),
-])
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [
+        (LocalGlobalAttention, AttentionConfig(kind="sparse", window=4, num_global=2)),
+        (LocalGlobalAttention, AttentionConfig(kind="sparse", window=5, num_global=0)),
+        (StridedAttention, AttentionConfig(kind="strided", stride=4)),
+    ],
+)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("relative", [False, True])
 def test_sparse_attention_matches_dense_with_explicit_mask(cls, cfg, causal, relative):
@@ -161,22 +164,31 @@ def test_decoder_kv_cache_equals_full_forward(positional):
     torch.manual_seed(0)
     model = create_model(tiny_config(positional=positional)).eval()
     batch = tiny_batch()
-    inputs = dict(image_features=batch["image_features"], audio_features=batch["audio_features"],
-                  audio_attention_mask=batch["audio_attention_mask"])
+    inputs = dict(
+        image_features=batch["image_features"],
+        audio_features=batch["audio_features"],
+        audio_attention_mask=batch["audio_attention_mask"],
+    )
     assert model.decoder.supports_kv_cache
     cached = model.generate(**inputs, max_new_tokens=12, use_cache=True)
     full = model.generate(**inputs, max_new_tokens=12, use_cache=False)
     assert torch.equal(cached, full)
     # Incremental logits equal the teacher-forced full pass at every position.
-    out = model.encode({"image": (inputs["image_features"], None),
-                        "audio": (inputs["audio_features"], inputs["audio_attention_mask"])})
+    out = model.encode(
+        {
+            "image": (inputs["image_features"], None),
+            "audio": (inputs["audio_features"], inputs["audio_attention_mask"]),
+        }
+    )
     mem = model.fuse(out, ["image", "audio"])
     seq = cached
     with torch.no_grad():
         full_logits = model.decoder(seq, None, mem.memory, mem.memory_mask)
         caches = model.decoder._new_caches()
-        steps = [model.decoder(seq[:, t:t + 1], None, mem.memory, mem.memory_mask, caches, offset=t)
-                 for t in range(seq.shape[1])]
+        steps = [
+            model.decoder(seq[:, t : t + 1], None, mem.memory, mem.memory_mask, caches, offset=t)
+            for t in range(seq.shape[1])
+        ]
     torch.testing.assert_close(torch.cat(steps, 1), full_logits, **TOL)
 
 
@@ -187,5 +199,7 @@ def test_beam_search():
     greedy = model.generate(image_features=img, max_new_tokens=8)
     assert torch.equal(model.generate(image_features=img, max_new_tokens=8, num_beams=1), greedy)
     beams = model.generate(image_features=img, max_new_tokens=8, num_beams=3)
-    assert torch.equal(beams, model.generate(image_features=img, max_new_tokens=8, num_beams=3, use_cache=False))
+    assert torch.equal(
+        beams, model.generate(image_features=img, max_new_tokens=8, num_beams=3, use_cache=False)
+    )
     assert beams.shape[0] == 3 and (beams[:, 0] == 1).all()

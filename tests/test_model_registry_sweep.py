@@ -13,16 +13,34 @@ from tests.model_helpers import scramble_padding, tiny_batch, tiny_config
 
 # Each registry entry appears in at least one case; combinations that the config forbids are left out.
 CASES = (
-    [pytest.param({"attention": AttentionConfig(kind=k, window=4, num_global=1, stride=3, chunk_size=5)},
-                  id=f"attention={k}") for k in ATTENTION.names()]
+    [
+        pytest.param(
+            {"attention": AttentionConfig(kind=k, window=4, num_global=1, stride=3, chunk_size=5)},
+            id=f"attention={k}",
+        )
+        for k in ATTENTION.names()
+    ]
     + [pytest.param({"positional": p}, id=f"positional={p}") for p in POSITIONAL.names()]
-    + [pytest.param({"positional": "relative", "attention": AttentionConfig(kind=k, window=4, stride=3)},
-                    id=f"relative+{k}") for k in ("sparse", "strided")]
-    + [pytest.param({"positional": "rotary", "attention": AttentionConfig(kind=k, window=4, stride=3, chunk_size=5)},
-                    id=f"rotary+{k}") for k in ("sparse", "strided", "linear")]
+    + [
+        pytest.param(
+            {"positional": "relative", "attention": AttentionConfig(kind=k, window=4, stride=3)},
+            id=f"relative+{k}",
+        )
+        for k in ("sparse", "strided")
+    ]
+    + [
+        pytest.param(
+            {"positional": "rotary", "attention": AttentionConfig(kind=k, window=4, stride=3, chunk_size=5)},
+            id=f"rotary+{k}",
+        )
+        for k in ("sparse", "strided", "linear")
+    ]
     + [pytest.param({"ffn": f}, id=f"ffn={f}") for f in FFN.names()]
     + [pytest.param({"norm": n}, id=f"norm={n}") for n in NORM.names()]
-    + [pytest.param({"fusion": FusionConfig(kind=f, depth=1, tensor_dim=3)}, id=f"fusion={f}") for f in FUSION.names()]
+    + [
+        pytest.param({"fusion": FusionConfig(kind=f, depth=1, tensor_dim=3)}, id=f"fusion={f}")
+        for f in FUSION.names()
+    ]
     + [pytest.param({"fusion": FusionConfig(kind="concat", pool=p)}, id=f"pool={p}") for p in POOLING.names()]
 )
 
@@ -83,8 +101,9 @@ def test_features_input_mode():
     cfg.audio.input = "spectrogram"
     model = create_model(cfg)
     mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
-    out = model(image_features=torch.randn(2, 10, 12), image_attention_mask=mask,
-                audio_features=torch.randn(2, 9, 16))
+    out = model(
+        image_features=torch.randn(2, 10, 12), image_attention_mask=mask, audio_features=torch.randn(2, 9, 16)
+    )
     assert out.features["image"].shape == (2, 10, 32)
     assert out.masks["audio"].shape == (2, 5)  # 9 frames, 2 per token
 
@@ -101,13 +120,16 @@ def test_tiny_configs_are_tiny_and_report_flops():
             assert flops[m] >= 6 * tower * tokens * 0.9
 
 
-@pytest.mark.parametrize("path,lo,hi", [
-    ("configs/model/base_text_image.yaml", 80e6, 150e6),
-    ("configs/model/base_tri.yaml", 80e6, 150e6),
-    ("configs/base_text_image_model.json", 80e6, 150e6),
-    ("configs/model/large_text_image.yaml", 0.8e9, 1.3e9),
-    ("configs/model/large_tri.yaml", 0.8e9, 1.3e9),
-])
+@pytest.mark.parametrize(
+    "path,lo,hi",
+    [
+        ("configs/model/base_text_image.yaml", 80e6, 150e6),
+        ("configs/model/base_tri.yaml", 80e6, 150e6),
+        ("configs/base_text_image_model.json", 80e6, 150e6),
+        ("configs/model/large_text_image.yaml", 0.8e9, 1.3e9),
+        ("configs/model/large_tri.yaml", 0.8e9, 1.3e9),
+    ],
+)
 def test_named_sizes(path, lo, hi):
     with torch.device("meta"):  # no memory for the weights
         model = create_model(path)

@@ -156,31 +156,55 @@ class MultiModalConfig(ModelConfig):
             parts.append(("decoder", self.decoder))
         for name, tower in parts:
             key = f"{prefix}{name}." if name else prefix
-            dim = (tower.dim if isinstance(tower, EncoderConfig) and tower.dim is not None else None) or self.dim
+            dim = (
+                tower.dim if isinstance(tower, EncoderConfig) and tower.dim is not None else None
+            ) or self.dim
             if name == "decoder" and self.text is not None and self.text.dim is not None:
                 dim = self.text.dim
-            heads = (tower.num_heads if tower is not None and tower.num_heads is not None else None) or self.num_heads
-            attn = (tower.attention if tower is not None and tower.attention is not None else None) or self.attention
-            positional = (tower.positional if tower is not None and tower.positional else None) or self.positional
+            heads = (
+                tower.num_heads if tower is not None and tower.num_heads is not None else None
+            ) or self.num_heads
+            attn = (
+                tower.attention if tower is not None and tower.attention is not None else None
+            ) or self.attention
+            positional = (
+                tower.positional if tower is not None and tower.positional else None
+            ) or self.positional
             if dim % heads:
                 raise ConfigError(source, f"{key}num_heads", f"{heads} heads do not divide the width {dim}")
             if positional == "rotary" and (dim // heads) % 2:
-                raise ConfigError(source, f"{key}positional", f"rotary needs an even head dim, got {dim // heads}")
+                raise ConfigError(
+                    source, f"{key}positional", f"rotary needs an even head dim, got {dim // heads}"
+                )
             if attn.kind == "linear" and positional == "relative":
                 raise ConfigError(
-                    source, f"{key}attention.kind",
+                    source,
+                    f"{key}attention.kind",
                     "linear attention never forms the score matrix, so it cannot take positional=relative",
                 )
             if attn.kind == "strided" and heads < 2:
-                raise ConfigError(source, f"{key}num_heads", "strided attention needs >= 2 heads (local + strided)")
+                raise ConfigError(
+                    source, f"{key}num_heads", "strided attention needs >= 2 heads (local + strided)"
+                )
         if self.decoder is not None and (self.text is None or self.text.input != "raw"):
-            raise ConfigError(source, f"{prefix}decoder", "the decoder ties its embedding to a text tower with input=raw")
+            raise ConfigError(
+                source, f"{prefix}decoder", "the decoder ties its embedding to a text tower with input=raw"
+            )
         for m in self.modalities():
             tower = getattr(self, m)
             if tower.input == "features" and tower.feature_dim <= 0:
                 raise ConfigError(source, f"{prefix}{m}.feature_dim", "input=features needs feature_dim > 0")
             if tower.input == "spectrogram" and m != "audio":
-                raise ConfigError(source, f"{prefix}{m}.input", "input=spectrogram is for the audio tower only")
-        if self.image is not None and self.image.input == "raw" and self.image.image_size % self.image.patch_size:
-            raise ConfigError(source, f"{prefix}image.patch_size",
-                              f"{self.image.patch_size} does not divide image_size {self.image.image_size}")
+                raise ConfigError(
+                    source, f"{prefix}{m}.input", "input=spectrogram is for the audio tower only"
+                )
+        if (
+            self.image is not None
+            and self.image.input == "raw"
+            and self.image.image_size % self.image.patch_size
+        ):
+            raise ConfigError(
+                source,
+                f"{prefix}image.patch_size",
+                f"{self.image.patch_size} does not divide image_size {self.image.image_size}",
+            )

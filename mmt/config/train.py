@@ -164,9 +164,3 @@ class TrainConfig:
             raise ConfigError(
                 source, f"{prefix}max_steps", "set train.max_steps or train.epochs (both are 0)"
             )
-        if self.schedule.warmup_steps and self.max_steps and self.schedule.warmup_steps > self.max_steps:
-            raise ConfigError(
-                source,
-                f"{prefix}schedule.warmup_steps",
-                f"{self.schedule.warmup_steps} exceeds train.max_steps={self.max_steps}",
-            )

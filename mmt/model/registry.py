@@ -27,6 +27,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            _load_all()
         try:
             return self._items[name]
         except KeyError:
@@ -37,6 +39,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        _load_all()
         return name in self._items
 
 
