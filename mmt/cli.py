@@ -9,7 +9,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("mmt.training.cli", "train_main", "train a model (single process, torchrun, deepspeed, srun)"),
     "eval": ("mmt.training.cli", "eval_main", "evaluate a checkpoint"),
-    "demo": ("mmt.training.demo", "main", "build the demo dataset and run the tiny tri-modal pretraining demo"),
+    "demo": (
+        "mmt.training.demo",
+        "main",
+        "build the demo dataset and run the tiny tri-modal pretraining demo",
+    ),
     "shards": ("mmt.data.cli", "main", "build, inspect and demo WebDataset shards"),
     "slurm": ("mmt.slurm.cli", "main", "render and submit sbatch jobs"),
     "ckpt": ("mmt.ckpt.cli", "main", "inspect, convert and reshard checkpoints"),
