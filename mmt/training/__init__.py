@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed loop, task losses and metrics, checkpoints, preemption, evaluation."""

@@ -1,0 +1,186 @@
+"""Checkpoints in mmt's layout, written through DeepSpeed's sharded ``save_checkpoint``.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000100/            DeepSpeed's per-rank files (model states, ZeRO optimizer partitions)
+        mmt_meta.json         written by rank 0 only after every rank finished: {..., "complete": true}
+    latest                    the newest complete tag, replaced atomically after the meta file
+
+A save that dies half-way leaves a tag folder without ``mmt_meta.json``: never picked for resume, and the
+``latest`` pointer still names the previous complete checkpoint. DeepSpeed's own ``latest`` writer is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mmt.training.distributed import barrier
+
+CHECKPOINTS_DIR = "checkpoints"
+META_FILE = "mmt_meta.json"
+LATEST_FILE = "latest"
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or cannot be used as asked; the message names the path."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write to a temp file beside ``path``, fsync, rename over ``path``: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared run folder wants the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The meta dict of a complete checkpoint, else None (missing, unreadable, or not marked complete)."""
+    p = Path(tag_dir) / META_FILE
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def complete_tags(root: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, tag) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        step = step_of_tag(d.name)
+        if step is not None and d.is_dir() and read_meta(d) is not None:
+            out.append((step, d.name))
+    return sorted(out)
+
+
+def find_checkpoint(spec: str, run_dir: str | os.PathLike) -> Path | None:
+    """The tag folder to resume from.
+
+    ``spec`` ``"auto"``: the newest complete checkpoint of ``run_dir`` (None if there is none: a fresh start).
+    Otherwise a path: a tag folder, a ``checkpoints/`` folder or a run folder; an error if nothing complete is
+    there.
+    """
+    if not spec:
+        return None
+    if spec == "auto":
+        tags = complete_tags(Path(run_dir) / CHECKPOINTS_DIR)
+        return Path(run_dir) / CHECKPOINTS_DIR / tags[-1][1] if tags else None
+    p = Path(spec)
+    if not p.exists():
+        raise CheckpointError(f"train.resume={spec}: no such file or directory")
+    if (p / META_FILE).exists():
+        if read_meta(p) is None:
+            raise CheckpointError(f"{p / META_FILE}: checkpoint is not complete (its save did not finish)")
+        return p
+    root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
+    tags = complete_tags(root)
+    if not tags:
+        raise CheckpointError(
+            f"train.resume={spec}: no complete checkpoint (step_*/{META_FILE} with complete: "
+            f"true) under {root}"
+        )
+    return root / tags[-1][1]
+
+
+class CheckpointManager:
+    """Saves through the DeepSpeed engine, marks completion, moves ``latest``, prunes old checkpoints."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int) -> None:
+        self.root = Path(run_dir) / CHECKPOINTS_DIR
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank must call it. Returns the tag folder."""
+        tag = tag_for_step(step)
+        tag_dir = self.root / tag
+        already = read_meta(tag_dir) is not None
+        barrier()
+        if already:
+            # Same step saved before (e.g. preempted right after a resume): that state is this state.
+            return tag_dir
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (tag_dir / META_FILE).unlink(missing_ok=True)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        barrier()  # every rank's shard is on disk before the checkpoint is declared complete
+        if self.rank == 0:
+            atomic_write_text(
+                tag_dir / META_FILE,
+                json.dumps({**meta, "tag": tag, "complete": True}, indent=2, sort_keys=True, default=str)
+                + "\n",
+            )
+            atomic_write_text(self.root / LATEST_FILE, tag + "\n")
+            self._prune(keep=tag)
+        barrier()
+        return tag_dir
+
+    def _prune(self, keep: str) -> None:
+        if self.keep_last <= 0:
+            return
+        tags = complete_tags(self.root)
+        doomed = [t for _, t in tags[: -self.keep_last] if t != keep]
+        newest = tags[-1][0] if tags else -1
+        # Interrupted saves older than the newest complete one can never be resumed from.
+        for d in self.root.iterdir():
+            s = step_of_tag(d.name)
+            if s is not None and d.is_dir() and s < newest and read_meta(d) is None:
+                doomed.append(d.name)
+        for t in doomed:
+            shutil.rmtree(self.root / t, ignore_errors=True)
+
+
+def load_checkpoint(
+    engine: Any, tag_dir: Path, world_size: int, load_optimizer: bool = True
+) -> dict[str, Any]:
+    """Load engine + optimizer + scheduler state; returns mmt's client state. Same world size required."""
+    meta = read_meta(tag_dir)
+    if meta is None:
+        raise CheckpointError(f"{tag_dir / META_FILE}: missing or not complete")
+    if meta.get("world_size") != world_size and load_optimizer:
+        raise CheckpointError(
+            f"{tag_dir}: saved with world size {meta.get('world_size')}, this run has {world_size}. Exact resume "
+            "needs the same world size (ZeRO optimizer partitions are per rank); convert it to a universal "
+            "checkpoint (mmt ckpt) to change the world size."
+        )
+    path, client = engine.load_checkpoint(
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer,
+    )
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed found no checkpoint files to load")
+    return (client or {}).get("mmt", {})

@@ -1,0 +1,202 @@
+"""One way into torch.distributed for every launcher: single process, torchrun, the deepspeed launcher, srun.
+
+Each launcher exports its own variables; `detect_env` maps them onto RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT so the same `mmt train` command runs unchanged under all of them, on CPU (gloo) and
+CUDA (nccl). `setup_distributed` initialises the process group only when nobody else did, and
+`teardown_distributed` only tears down what it created (tests and notebooks may own the group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str  # single | torchrun | deepspeed | slurm | env
+    master_addr: str
+    master_port: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher() -> str:
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env or "TORCHELASTIC_RESTART_COUNT" in env:
+        return "torchrun"
+    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:
+        return "deepspeed"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        return "slurm"
+    return "single"
+
+
+def detect_env() -> DistEnv:
+    """Rank layout from the launcher's variables (srun: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)."""
+    env = os.environ
+    launcher = _launcher()
+    if launcher == "single":
+        return DistEnv(0, 1, 0, 1, "single", "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
+    if launcher == "slurm":
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", "0"))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or _slurm_local_world(
+            world
+        )
+        addr = env.get("MASTER_ADDR")
+        port = env.get("MASTER_PORT")
+        if not addr or not port:
+            raise RuntimeError(
+                "srun launch: MASTER_ADDR and MASTER_PORT must be exported (e.g. MASTER_ADDR=$(scontrol show "
+                "hostnames $SLURM_JOB_NODELIST | head -n1), MASTER_PORT=29500)"
+            )
+        return DistEnv(rank, world, local_rank, local_world, "slurm", addr, int(port))
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", "1")))
+    return DistEnv(
+        rank,
+        world,
+        local_rank,
+        local_world,
+        launcher,
+        env.get("MASTER_ADDR", "127.0.0.1"),
+        int(env.get("MASTER_PORT", "29500")),
+    )
+
+
+def _slurm_local_world(world: int) -> int:
+    nodes = int(os.environ.get("SLURM_NNODES", "1") or 1)
+    return max(1, world // max(1, nodes))
+
+
+def select_device(kind: str, local_rank: int) -> torch.device:
+    """``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "train.device=cuda but torch.cuda.is_available() is False (CPU-only torch or no GPU)"
+        )
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def setup_distributed(
+    device_kind: str = "auto", backend: str = "auto", timeout_s: int = 600
+) -> tuple[DistEnv, torch.device, bool]:
+    """Export the rank variables, pick the device, and initialise the process group through DeepSpeed.
+
+    Returns (env, device, created): ``created`` is False when the group already existed (then it is left alone
+    at teardown).
+    """
+    env = detect_env()
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
+    device = select_device(device_kind, env.local_rank)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _default_extensions_dir()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    created = not dist.is_initialized()
+    import deepspeed
+
+    if created:
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            timeout=timedelta(seconds=timeout_s),
+            auto_mpi_discovery=False,
+            verbose=False,
+        )
+    else:
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False, dist_init_required=False
+        )
+    return env, device, created
+
+
+def _default_extensions_dir() -> None:
+    """Keep DeepSpeed's JIT-built ops beside the venv (launch/env.sh does the same) so they build once."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        import sys
+        from pathlib import Path
+
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
+def teardown_distributed(created: bool) -> None:
+    """Barrier + destroy_process_group, only for a group `setup_distributed` created."""
+    if not created or not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        _reset_deepspeed_comm()
+
+
+def _reset_deepspeed_comm() -> None:
+    # DeepSpeed caches its comm backend in a module global; drop it so a later run in this process starts clean.
+    try:
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None
+    except Exception:  # noqa: BLE001 - best effort: the process is usually exiting anyway
+        pass
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (identity without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on at least one (a MAX all-reduce: no rank is left waiting)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

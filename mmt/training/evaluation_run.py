@@ -1,0 +1,106 @@
+"""`mmt eval`: evaluate a saved checkpoint on the held-out set, on any world size.
+
+The weights are consolidated from the checkpoint into full fp32 tensors (DeepSpeed's ZeRO-to-fp32 reader, exact
+for ZeRO-1/2/3; the module file itself for stage 0), loaded into a fresh model and wrapped in a plain (stage 0)
+engine for evaluation, so a checkpoint from 8 GPUs evaluates on 1 CPU process and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmt.config import Config
+from mmt.training import distributed as D
+from mmt.training.checkpoint import CheckpointError, atomic_write_text, find_checkpoint, read_meta
+from mmt.training.evaluate import evaluate
+from mmt.training.tasks import build_task
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint folder written by `CheckpointManager`."""
+    meta = read_meta(tag_dir)
+    if meta is None:
+        raise CheckpointError(
+            f"{tag_dir}: not a complete mmt checkpoint (no mmt_meta.json with complete: true)"
+        )
+    if int(meta.get("zero_stage", 0)) == 0:
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{tag_dir}: no mp_rank_*_model_states.pt")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str, output: str = "", log_mlflow: bool = False, source: str = "config"
+) -> dict[str, Any] | None:
+    """Metrics of ``checkpoint`` on ``cfg.data.val_urls`` (returned on rank 0, None elsewhere)."""
+    import deepspeed
+
+    import mmt
+
+    t = cfg.train
+    env, device, created = D.setup_distributed(t.device, t.dist_backend, t.dist_timeout_s)
+    try:
+        tag_dir = find_checkpoint(checkpoint, t.run_dir)
+        if tag_dir is None:
+            raise CheckpointError(f"{checkpoint}: no complete checkpoint")
+        meta = read_meta(tag_dir) or {}
+        model = mmt.create_model(cfg.model)
+        missing, unexpected = model.load_state_dict(consolidated_state_dict(tag_dir), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{tag_dir}: weights do not fit model config {source} (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
+        precision = t.precision if device.type == "cuda" or t.precision != "fp16" else "fp32"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        batch = t.eval_batch or max(1, t.micro_batch or t.global_batch // env.world_size)
+        ds = {
+            "train_micro_batch_size_per_gpu": batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": batch * env.world_size,
+            "zero_optimization": {"stage": 0},
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+            "steps_per_print": 10**9,
+        }
+        from mmt.training.ds_compat import patch_deepspeed
+
+        patch_deepspeed()
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        from mmt.training.trainer import default_eval_loader
+
+        loader = default_eval_loader(cfg, env.rank, env.world_size, batch)
+        metrics: dict[str, Any] = evaluate(
+            engine, build_task(cfg.model, t), loader, device, dtype, t.eval_max_batches, t.caption_max_tokens
+        )
+        metrics = {**metrics, "checkpoint": str(tag_dir), "step": meta.get("step")}
+        if env.rank != 0:
+            return None
+        if output:
+            atomic_write_text(output, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if log_mlflow and meta.get("mlflow_run_id"):
+            from mlflow.tracking import MlflowClient
+
+            from mmt.tracking.mlflow_logger import default_tracking_uri
+
+            client = MlflowClient(default_tracking_uri(cfg.tracking.uri))
+            for k, v in metrics.items():
+                if k.startswith("val/"):
+                    client.log_metric(
+                        meta["mlflow_run_id"],
+                        k.replace("val/", "eval/", 1),
+                        float(v),
+                        step=int(meta.get("step") or 0),
+                    )
+        return metrics
+    finally:
+        D.teardown_distributed(created)

@@ -1,0 +1,638 @@
+"""The training loop: setup, then one loop that reads top to bottom, then a teardown that always runs.
+
+`train(cfg)` is what `mmt train` calls on every rank. It works the same as a single process, under torchrun,
+under the deepspeed launcher and under srun, on CPU (gloo) and CUDA (nccl): `mmt.training.distributed` maps each
+launcher onto one set of rank variables. Data, model and tracker are built here; task losses, evaluation,
+checkpoints and preemption each live in their own module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmt.config import Config, flatten, save_config, to_dict
+from mmt.config.loader import dump_yaml
+from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
+from mmt.training import distributed as D
+from mmt.training.batching import BatchPlan, resolve_batch
+from mmt.training.checkpoint import (
+    CheckpointManager,
+    atomic_write_text,
+    find_checkpoint,
+    load_checkpoint,
+    read_meta,
+)
+from mmt.training.ds_config import batch_plan_from_ds, build_ds_config, load_user_ds_config, merge_ds_config
+from mmt.training.evaluate import evaluate
+from mmt.training.flops import mfu, peak_flops_per_device
+from mmt.training.inputs import batch_size, count_tokens
+from mmt.training.optim import make_scheduler_factory, param_groups
+from mmt.training.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionFlag,
+    clear_marker,
+    parse_signals,
+    write_marker,
+)
+from mmt.training.rng import capture_rng, restore_rng, seed_everything
+from mmt.training.tasks import Task, build_task
+
+LoaderFactory = Callable[[Config, int, int, BatchPlan], Any]
+EvalLoaderFactory = Callable[[Config, int, int, int], Iterable[dict[str, Any]]]
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    samples_seen: int
+    run_dir: Path
+    checkpoint: Path | None
+    run_id: str | None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    preempted: bool = False
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Cut one rank's step batch into ``n`` micro batches (gradient accumulation), as equal as possible."""
+    if n == 1:
+        return [batch]
+    b = batch_size(batch)
+    if b < n:
+        raise ValueError(f"a step batch of {b} samples cannot feed {n} micro batches")
+    bounds = [round(i * b / n) for i in range(n + 1)]
+    return [
+        {k: (v[lo:hi] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+
+
+def default_train_loader(cfg: Config, rank: int, world_size: int, plan: BatchPlan) -> Any:
+    from mmt.data.loader import build_train_loader
+
+    return build_train_loader(cfg, rank, world_size, plan.global_batch)
+
+
+def default_eval_loader(cfg: Config, rank: int, world_size: int, batch: int) -> Iterable[dict[str, Any]]:
+    from mmt.data.loader import build_eval_loader
+
+    return build_eval_loader(cfg, rank, world_size, batch)
+
+
+class _Meter:
+    """Sums of step metrics between two log lines; reduced over ranks only when a line is logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], int, float]:
+        keys = sorted(set().union(*D.gather_objects(sorted(self.sums))))
+        vec = torch.tensor(
+            [self.sums.get(k, 0.0) for k in keys]
+            + [float(self.counts.get(k, 0)) for k in keys]
+            + [float(self.tokens)],
+            dtype=torch.float64,
+        )
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            vec = vec.to(device if device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(vec)
+            vec = vec.cpu()
+        n = len(keys)
+        means = {k: vec[i].item() / max(1.0, vec[n + i].item()) for i, k in enumerate(keys)}
+        elapsed = time.perf_counter() - self.t0
+        return means, int(vec[-1].item()), elapsed
+
+
+def _system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
+    import platform
+    import subprocess
+
+    import deepspeed
+
+    tags = {
+        "mmt.world_size": str(env.world_size),
+        "mmt.launcher": env.launcher,
+        "mmt.torch_version": torch.__version__,
+        "mmt.deepspeed_version": deepspeed.__version__,
+        "mmt.python_version": platform.python_version(),
+        "mmt.device": str(device.type) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        if commit:
+            tags["mmt.git_commit"] = commit
+            tags["mmt.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for var, tag in (
+        ("SLURM_JOB_ID", "mmt.slurm_job_id"),
+        ("SLURM_RESTART_COUNT", "mmt.slurm_restart_count"),
+        ("SLURM_JOB_NAME", "mmt.slurm_job_name"),
+        ("SLURM_ARRAY_TASK_ID", "mmt.slurm_array_task_id"),
+        ("TORCHELASTIC_RESTART_COUNT", "mmt.torchelastic_restart_count"),
+    ):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        import psutil
+
+        out["sys/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+    except Exception:  # noqa: BLE001 - memory stats are best effort
+        pass
+    if device.type == "cuda":
+        out["sys/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["sys/gpu_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+    return out
+
+
+def _build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, run_dir: Path) -> Logger:
+    if rank != 0:
+        return NullLogger()
+    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger
+
+    loggers: list[Logger] = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.tracking.backend == "mlflow":
+        from mmt.tracking.mlflow_logger import MLflowLogger
+
+        tags = dict(t.split("=", 1) for t in cfg.tracking.tags.split(",") if "=" in t)
+        loggers.insert(
+            0,
+            MLflowLogger(
+                cfg.tracking.experiment,
+                cfg.tracking.run_name,
+                uri=cfg.tracking.uri,
+                run_id=run_id,
+                tags=tags,
+                artifact_location=cfg.tracking.artifact_location,
+                flush_interval_s=cfg.tracking.flush_interval_s,
+            ),
+        )
+    return MultiLogger(*loggers)
+
+
+class Trainer:
+    """Holds the state of one run; `run` executes it and always tears down what it set up."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        source: str = "config",
+        train_loader_factory: LoaderFactory | None = None,
+        eval_loader_factory: EvalLoaderFactory | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.train_loader_factory = train_loader_factory or default_train_loader
+        self.eval_loader_factory = eval_loader_factory or default_eval_loader
+        self.logger: Logger = NullLogger()
+        self.step = 0
+        self.samples_seen = 0
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        if t.torch_threads:
+            torch.set_num_threads(t.torch_threads)
+        self.env, self.device, self._created_pg = D.setup_distributed(
+            t.device, t.dist_backend, t.dist_timeout_s
+        )
+        self.rank, self.world = self.env.rank, self.env.world_size
+        import socket
+
+        self._hostnames = D.gather_objects(socket.gethostname())
+        self.plan = resolve_batch(t, self.world, self.source)
+        self.dtype = _dtype(t.precision)
+        self.run_dir = Path(t.run_dir).resolve()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+
+        # DeepSpeed config: generated, then the user's JSON merged over it.
+        ds = build_ds_config(t, self.plan, self.device)
+        self.ds_conflicts: list[str] = []
+        if t.ds_config:
+            ds, self.ds_conflicts = merge_ds_config(
+                ds, load_user_ds_config(t.ds_config), user_wins=t.ds_config_override
+            )
+            self.plan = batch_plan_from_ds(ds, self.plan)
+            if self.ds_conflicts and self.rank == 0:
+                print(
+                    "mmt: train.ds_config overrides the generated DeepSpeed config:\n  "
+                    + "\n  ".join(self.ds_conflicts),
+                    file=sys.stderr,
+                )
+        if t.precision == "fp16" and self.device.type == "cpu":
+            from mmt.config import ConfigError
+
+            raise ConfigError(
+                self.source,
+                "train.precision",
+                "fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
+                "fp16 training); use bf16 or fp32 on CPU",
+            )
+        self.ds_config = ds
+
+        # Resume point (rank 0 decides, every rank follows the same path).
+        tag_dir = None
+        if self.rank == 0:
+            tag_dir = find_checkpoint(t.resume, self.run_dir)
+        tag_dir = D.broadcast_object(str(tag_dir) if tag_dir else None)
+        self.resume_dir = Path(tag_dir) if tag_dir else None
+        resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
+
+        # Model: identical initial weights on every rank, then per-rank random streams.
+        import mmt
+
+        torch.manual_seed(t.seed)
+        model = mmt.create_model(cfg.model)
+        self.task: Task = build_task(cfg.model, t)
+        if t.activation_checkpointing:
+            from mmt.training.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        self.flops_per_sample = float(model.flops_per_sample()["total"])
+        self.tokens_per_sample = model.tokens_per_sample()
+        self.num_parameters = model.num_parameters()
+        seed_everything(t.seed, self.rank)
+
+        # Data.
+        self.train_loader = self.train_loader_factory(cfg, self.rank, self.world, self.plan)
+        self.total_steps = self._total_steps()
+
+        # Tracker: rank 0 opens (or reopens) the MLflow run, the others only learn its id.
+        run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
+        self.logger = _build_logger(cfg, self.rank, run_id, self.total_steps, self.run_dir)
+        self.run_id = D.broadcast_object(self.logger.run_id)
+
+        import deepspeed
+
+        from mmt.training.ds_compat import patch_deepspeed
+
+        patch_deepspeed()
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, t.optimizer.weight_decay),
+            config=ds,
+            lr_scheduler=make_scheduler_factory(t.schedule, self.total_steps),
+        )
+        self.engine = engine
+        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
+
+        if self.resume_dir is not None:
+            state = load_checkpoint(engine, self.resume_dir, self.world)
+            self.step = int(state["step"])
+            self.samples_seen = int(state["samples_seen"])
+            loader_states = state.get("loader_states")
+            if loader_states:
+                self.train_loader.load_state_dict(loader_states[self.rank])
+            restore_rng(state["rng_states"][self.rank])
+            if self.rank == 0:
+                print(
+                    f"mmt: resumed from {self.resume_dir} at step {self.step} ({self.samples_seen} samples)",
+                    flush=True,
+                )
+        if self.rank == 0:
+            clear_marker(self.run_dir)
+            self._log_run_start()
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        if not hasattr(self.train_loader, "num_samples"):
+            from mmt.config import ConfigError
+
+            raise ConfigError(
+                self.source,
+                "train.epochs",
+                "this loader does not know the training set size "
+                "(data.loader=streaming); set train.max_steps",
+            )
+        n = self.train_loader.num_samples
+        steps_per_epoch = n // self.plan.global_batch
+        if steps_per_epoch == 0:
+            from mmt.config import ConfigError
+
+            raise ConfigError(
+                self.source,
+                "train.epochs",
+                f"the training set has {n} samples, fewer than one global batch ({self.plan.global_batch})",
+            )
+        return max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    def _log_run_start(self) -> None:
+        cfg_path = save_config(self.cfg, self.run_dir / "config.yaml")
+        ds_path = atomic_write_text(
+            self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n"
+        )
+        self.logger.log_params(flatten(self.cfg))
+        tags = _system_tags(self.env, self.device)
+        tags.update(
+            {
+                "mmt.run_dir": str(self.run_dir),
+                "mmt.checkpoint_dir": str(self.ckpt.root),
+                "mmt.task": self.cfg.train.task,
+                "mmt.hostnames": ",".join(sorted(set(self._hostnames))),
+                "mmt.num_parameters": str(self.num_parameters),
+                "mmt.global_batch": str(self.plan.global_batch),
+                "mmt.micro_batch": str(self.plan.micro_batch),
+                "mmt.grad_accum": str(self.plan.grad_accum),
+            }
+        )
+        if self.resume_dir is not None:
+            tags["mmt.resumed_from"] = str(self.resume_dir)
+        if self.ds_conflicts:
+            tags["mmt.ds_config_conflicts"] = "; ".join(self.ds_conflicts)
+        self.logger.set_tags(tags)
+        self.logger.log_artifact(cfg_path)
+        self.logger.log_artifact(ds_path)
+        print(
+            f"mmt: run dir {self.run_dir} | world size {self.world} ({self.env.launcher}, {self.device.type}) | "
+            f"{self.num_parameters / 1e6:.2f}M params | global batch {self.plan.global_batch} = "
+            f"{self.plan.micro_batch} x {self.plan.grad_accum} x {self.world} | ZeRO {self.cfg.train.zero_stage} "
+            f"{self.cfg.train.precision} | MLflow run {self.logger.run_id}",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Training batches forever: a new epoch starts when the loader's epoch ends."""
+        while True:
+            got = False
+            for batch in self.train_loader:
+                got = True
+                yield batch
+            if not got:
+                raise RuntimeError(
+                    "the training loader yielded no batch in a whole epoch (fewer samples than one "
+                    f"global batch of {self.plan.global_batch}?)"
+                )
+
+    def _record_keys(self, batch: dict[str, Any]) -> None:
+        path = self.run_dir / "keys" / f"rank_{self.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": self.step, "keys": list(batch.get("keys", []))}) + "\n")
+
+    def _eval(self) -> dict[str, float]:
+        t = self.cfg.train
+        batch = t.eval_batch or self.plan.micro_batch
+        loader = self.eval_loader_factory(self.cfg, self.rank, self.world, batch)
+        try:
+            metrics = evaluate(
+                self.engine,
+                self.task,
+                loader,
+                self.device,
+                self.dtype,
+                t.eval_max_batches,
+                t.caption_max_tokens,
+            )
+        finally:
+            close = getattr(loader, "close", None)
+            if callable(close):
+                close()
+        self.logger.log(metrics, self.step)
+        return metrics
+
+    def _save(self) -> Path:
+        rng = D.gather_objects(capture_rng())
+        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        loader_states = D.gather_objects(loader_state)
+        client = {
+            "mmt": {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "loader_states": loader_states,
+                "rng_states": rng,
+                "mlflow_run_id": self.run_id,
+                "world_size": self.world,
+            }
+        }
+        meta = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "world_size": self.world,
+            "zero_stage": self.ds_config["zero_optimization"]["stage"],
+            "dtype": self.cfg.train.precision,
+            "mlflow_run_id": self.run_id,
+            "config": to_dict(self.cfg),
+            "task": self.cfg.train.task,
+            "global_batch": self.plan.global_batch,
+            "time": time.time(),
+        }
+        path = self.ckpt.save(self.engine, self.step, client, meta)
+        return path
+
+    def _loop(self) -> TrainResult:
+        t = self.cfg.train
+        has_val = bool(self.cfg.data.val_urls)
+        preempt = PreemptionFlag(parse_signals(t.preempt_signals))
+        bar = None
+        if self.rank == 0 and t.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
+        peak = peak_flops_per_device(self.device, t.precision, t.peak_tflops)
+        meter = _Meter()
+        last_train: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        last_ckpt: Path | None = self.resume_dir
+        batches = self._batches()
+        self.engine.train()
+        try:
+            while self.step < self.total_steps:
+                if preempt.should_stop(self.device):
+                    last_ckpt = self._save()
+                    signame = preempt.received.name if preempt.received else "peer rank"
+                    if self.rank == 0:
+                        write_marker(self.run_dir, self.step, str(last_ckpt), signame)
+                        print(
+                            f"mmt: preempted ({signame}) at step {self.step}; checkpoint {last_ckpt}; exit "
+                            f"{PREEMPTED_EXIT_CODE}",
+                            flush=True,
+                        )
+                        self.logger.set_tags({"mmt.preempted_at_step": str(self.step)})
+                    return TrainResult(
+                        PREEMPTED_EXIT_CODE,
+                        self.step,
+                        self.samples_seen,
+                        self.run_dir,
+                        last_ckpt,
+                        self.run_id,
+                        last_train,
+                        last_eval,
+                        preempted=True,
+                    )
+                batch = next(batches)
+                if t.record_keys:
+                    self._record_keys(batch)
+                for micro in split_micro(batch, self.plan.grad_accum):
+                    res = self.task.step(self.engine, micro, self.device, self.dtype)
+                    self.engine.backward(res.loss)
+                    self.engine.step()
+                    meter.add(res.metrics)
+                    meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
+                self.step += 1
+                self.samples_seen += self.plan.global_batch
+                meter.samples += self.plan.global_batch
+                if bar is not None:
+                    bar.update(1)
+
+                if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                    last_train = self._log_train(meter, peak)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{last_train.get('train/loss', float('nan')):.4f}", refresh=False
+                        )
+                    meter = _Meter()
+                if (
+                    has_val
+                    and t.eval_interval
+                    and self.step % t.eval_interval == 0
+                    and self.step < self.total_steps
+                ):
+                    last_eval = self._eval()
+                    self.engine.train()
+                if (
+                    t.checkpoint_interval
+                    and self.step % t.checkpoint_interval == 0
+                    and self.step < self.total_steps
+                ):
+                    last_ckpt = self._save()
+            if has_val and (t.eval_at_end or t.eval_interval):
+                last_eval = self._eval()
+            if t.checkpoint_at_end or t.checkpoint_interval:
+                last_ckpt = self._save()
+        finally:
+            preempt.restore()
+            if bar is not None:
+                bar.close()
+        return TrainResult(
+            0, self.step, self.samples_seen, self.run_dir, last_ckpt, self.run_id, last_train, last_eval
+        )
+
+    def _log_train(self, meter: _Meter, peak: float | None) -> dict[str, float]:
+        means, tokens, elapsed = meter.reduce(self.device)
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        sps = meter.samples / max(elapsed, 1e-9)
+        metrics["train/lr"] = float(self.engine.get_lr()[0])
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            metrics["train/grad_norm"] = float(gn)
+        metrics["train/samples_per_s"] = sps
+        metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+        metrics["train/epoch"] = float(getattr(self.train_loader, "epoch", 0))
+        u = mfu(self.flops_per_sample, sps, self.world, peak)
+        if u is not None:
+            metrics["train/mfu"] = u
+        if self.cfg.tracking.log_system_metrics:
+            metrics.update(_memory_metrics(self.device))
+        self.logger.log(metrics, self.step)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        status = FAILED
+        try:
+            self._setup()
+            result = self._loop()
+            status = KILLED if result.preempted else FINISHED
+            if self.rank == 0 and not result.preempted:
+                self._write_final(result)
+            return result
+        except KeyboardInterrupt:
+            status = KILLED
+            raise
+        finally:
+            with suppress(Exception):
+                self.logger.close(status)
+            close = getattr(getattr(self, "train_loader", None), "close", None)
+            if callable(close):
+                with suppress(Exception):
+                    close()
+            if status != FAILED:
+                D.teardown_distributed(getattr(self, "_created_pg", False))
+            elif getattr(self, "_created_pg", False):
+                # After a failure peers may be gone: no barrier, just release the group.
+                with suppress(Exception):
+                    torch.distributed.destroy_process_group()
+                D._reset_deepspeed_comm()
+
+    def _write_final(self, result: TrainResult) -> None:
+        final = {
+            "step": result.step,
+            "samples_seen": result.samples_seen,
+            "train": result.train_metrics,
+            "eval": result.eval_metrics,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "mlflow_run_id": self.run_id,
+            "tracking_uri": getattr(self._mlflow(), "uri", None),
+        }
+        path = atomic_write_text(self.run_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+        self.logger.log_artifact(path)
+
+    def _mlflow(self) -> Any:
+        for lg in getattr(self.logger, "loggers", []):
+            if hasattr(lg, "uri"):
+                return lg
+        return None
+
+
+def train(cfg: Config, source: str = "config", **factories: Any) -> TrainResult:
+    """Run training for ``cfg`` on this rank (call it on every rank); returns once the run ends."""
+    return Trainer(cfg, source, **factories).run()
+
+
+__all__ = ["TrainResult", "Trainer", "dump_yaml", "split_micro", "train"]
