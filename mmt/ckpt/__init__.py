@@ -1,0 +1,1 @@
+"""Checkpoint tools: inspect, convert to safetensors, reshard to another world size, load pretrained weights."""
