@@ -210,6 +210,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
             shuffle_buffer=cfg.data.shuffle_buffer,
             resampled=cfg.data.resampled,
             partial=False,
+            start_method=cfg.data.start_method,
         )
         return StreamingLoader(dataset, worker_settings(cfg), _tracker(cfg))
     if any(s.weight != sources[0].weight for s in sources):

@@ -18,17 +18,25 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from webdataset.tariterators import tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mmt.data import storage
 from mmt.data.schema import INDEX_SUFFIX, split_member
 from mmt.data.tarindex import ShardIndex, scan_file
 
 log = logging.getLogger(__name__)
+
+
+def iter_tar_samples(stream: io.IOBase, url: str) -> Iterator[dict[str, Any]]:
+    """Samples of a tar stream with webdataset's own reader (``{"__key__", "__url__", ext: bytes}``)."""
+    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+    yield from group_by_keys(files)
 
 
 def default_cache_dir() -> str:

@@ -10,7 +10,6 @@ fresh order (use the indexed loader where exact resume matters).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
-from mmt.data.indexed import WorkerSettings, _worker_init
+from mmt.data.indexed import WorkerSettings, _worker_init, worker_context
 from mmt.data.samples import Collator, SampleDecoder, SampleFailure
-from mmt.data.shards import StorageSettings
+from mmt.data.shards import StorageSettings, iter_tar_samples
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "mmt-streaming-loader/1"
@@ -60,13 +58,14 @@ class StreamingDataset(IterableDataset):
         shuffle_buffer: int,
         resampled: bool,
         partial: bool,
+        start_method: str = "forkserver",
     ) -> None:
         super().__init__()
         self.sources, self.rank, self.world_size, self.batch_size = sources, rank, world_size, batch_size
         self.decoder, self.collate, self.settings = decoder, collate, settings
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.resampled, self.partial = resampled, partial
-        self.epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
+        self.epoch = worker_context(start_method).Value("i", 0)  # shared with persistent workers
 
     def _rng(self, *more: int) -> random.Random:
         info = get_worker_info()
@@ -96,9 +95,8 @@ class StreamingDataset(IterableDataset):
             try:
                 stream = storage.open_read(url, s.endpoint_url, s.retries, s.backoff_s)
                 with stream:
-                    for sample in group_by_keys(tar_file_iterator(stream)):
+                    for sample in iter_tar_samples(stream, url):
                         last = sample["__key__"]
-                        sample["__url__"] = url
                         yield sample
             except Exception as e:  # an unreadable shard ends that shard only
                 yield SampleFailure(url, f"after {last}", f"{type(e).__name__}: {e}")
@@ -172,7 +170,7 @@ class StreamingLoader:
             dataset,
             batch_size=None,
             num_workers=nw,
-            multiprocessing_context=workers.start_method if nw > 0 else None,
+            multiprocessing_context=worker_context(workers.start_method) if nw > 0 else None,
             persistent_workers=workers.persistent_workers and nw > 0,
             prefetch_factor=workers.prefetch_factor if nw > 0 else None,
             worker_init_fn=_worker_init if nw > 0 else None,

@@ -1,0 +1,264 @@
+"""The training / eval loaders: batch contract per task, exact resume (same and different world size),
+rank x worker splits, shards written by other tools."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mmt.data.indexed import epoch_order
+from mmt.data.loader import build_eval_loader, build_train_loader
+from mmt.data.samples import soft_scores
+from mmt.data.streaming import split_shards
+from mmt.data.synthetic import COLOURS, write_synthetic_shards
+from tests.fixtures_data import data_config, epoch_keys
+
+N, PER_SHARD = 96, 16
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("shards")
+    manifest = write_synthetic_shards(str(out), N, PER_SHARD)
+    return {"urls": manifest["urls"], "dir": out, "keys": [f"sample{i:06d}" for i in range(N)]}
+
+
+def _global_batches(loaders) -> list[list[str]]:
+    """Global batch b = concatenation of each rank's batch b, in rank order."""
+    per_rank = [epoch_keys(ld) for ld in loaders]
+    assert len({len(p) for p in per_rank}) == 1, "ranks yielded different numbers of batches"
+    return [sum((p[b] for p in per_rank), []) for b in range(len(per_rank[0]))]
+
+
+def test_retrieval_batch_contract(tmp_path, shards):
+    cfg = data_config(tmp_path, train_urls=shards["urls"])
+    batch = next(iter(build_train_loader(cfg, 0, 1, 8)))
+    b = 8
+    assert len(batch["keys"]) == b
+    assert batch["text_inputs"].dtype == torch.long and batch["text_inputs"].shape[0] == b
+    assert batch["text_attention_mask"].dtype == torch.bool
+    assert batch["text_inputs"].shape[1] <= 48  # model.text.max_len of tiny_tri
+    assert (batch["text_inputs"][:, 0] == 1).all()  # ByteTokenizer bos
+    lengths = batch["text_attention_mask"].sum(1)
+    assert (batch["text_inputs"][torch.arange(b), lengths - 1] == 2).all()  # eos at the end of each row
+    assert batch["image_features"].shape == (b, 3, 32, 32) and batch["image_features"].dtype == torch.float32
+    assert batch["audio_features"].shape == (b, 8000)  # 1.0 s at 8000 Hz
+    assert batch["audio_attention_mask"].shape == (b, 8000)
+    assert (batch["audio_attention_mask"].sum(1) == 2000).all()  # 0.25 s clips
+    assert (batch["audio_features"][~batch["audio_attention_mask"]] == 0).all()
+    for m in ("text", "image", "audio"):
+        assert batch[f"{m}_present"].all()
+    assert "answer_targets" not in batch
+
+
+def test_vqa_and_captioning_batches(tmp_path, shards):
+    cfg = data_config(
+        tmp_path, "vqa", ["model.heads.vqa_answers=8"], train_urls=shards["urls"], val_urls=shards["urls"]
+    )
+    batch = next(iter(build_eval_loader(cfg, 0, 1, 4)))
+    assert batch["answer_targets"].shape == (4, len(COLOURS))
+    for key, target in zip(batch["keys"], batch["answer_targets"]):
+        meta = json.loads(_member(shards, key, "json"))
+        expected = torch.zeros(len(COLOURS))
+        expected[meta["label"]] = 1.0  # three annotators agree: min(1, 3/3)
+        torch.testing.assert_close(target, expected)
+    question = batch["text_inputs"][0][batch["text_attention_mask"][0]].tolist()
+    assert bytes(i - 3 for i in question[1:-1]).decode() == "what colour is it?"
+
+    cfg = data_config(tmp_path, "captioning", train_urls=shards["urls"], val_urls=shards["urls"])
+    batch = next(iter(build_eval_loader(cfg, 0, 1, 4)))
+    ids = batch["text_inputs"][0][batch["text_attention_mask"][0]].tolist()
+    assert bytes(i - 3 for i in ids[1:-1]).decode() == "a red square number 0".replace(
+        "red", COLOURS[json.loads(_member(shards, batch["keys"][0], "json"))["label"]]
+    )
+
+
+def test_vqa_soft_scores_and_vocab_check(tmp_path, shards):
+    vocab = {"yes": 0, "no": 1, "2": 2}
+    torch.testing.assert_close(
+        soft_scores(["yes", "yes", "no", "2", "2", "2", "2", "maybe"], vocab),
+        torch.tensor([2 / 3, 1 / 3, 1.0]),
+    )
+    cfg = data_config(tmp_path, "vqa", ["model.heads.vqa_answers=5"], train_urls=shards["urls"])
+    with pytest.raises(Exception, match="model.heads.vqa_answers.*8 answers"):
+        build_train_loader(cfg, 0, 1, 8)
+
+
+def _member(shards, key: str, ext: str) -> bytes:
+    i = int(key.removeprefix("sample"))
+    with tarfile.open(shards["dir"] / f"shard-{i // PER_SHARD:06d}.tar") as tar:
+        return tar.extractfile(f"{key}.{ext}").read()
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    counts = np.array([5, 7, 3, 9])
+    a, b = epoch_order(counts, 1, 0), epoch_order(counts, 1, 0)
+    assert (a == b).all() and sorted(a.tolist()) == list(range(24))
+    assert not (epoch_order(counts, 1, 1) == a).all()
+    windowed = epoch_order(counts, 1, 0, shard_window=2)
+    assert sorted(windowed.tolist()) == list(range(24))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    shard_of = np.searchsorted(starts, windowed, side="right") - 1
+    first_window = set(shard_of[: counts[shard_of[0]] + 0].tolist())
+    assert len(first_window) <= 2  # the first samples come from one window of two shards
+
+
+def test_rank_split_covers_every_sample_once(tmp_path, shards):
+    cfg = data_config(tmp_path, train_urls=shards["urls"], num_workers=2)
+    loaders = [build_train_loader(cfg, r, 2, 8) for r in range(2)]
+    batches = _global_batches(loaders)
+    keys = sum(batches, [])
+    assert sorted(keys) == shards["keys"]  # every sample exactly once
+    assert all(len(b) == 8 for b in batches)
+    again = _global_batches(loaders)  # next epoch: a different order, the same samples
+    assert sorted(sum(again, [])) == shards["keys"] and again != batches
+
+
+def test_last_partial_global_batch_dropped(tmp_path, shards):
+    cfg = data_config(tmp_path, train_urls=shards["urls"])
+    batches = _global_batches([build_train_loader(cfg, r, 3, 15) for r in range(3)])
+    keys = sum(batches, [])
+    assert len(batches) == N // 15 and len(keys) == len(set(keys)) == (N // 15) * 15
+
+
+def test_resume_same_world_size_with_workers(tmp_path, shards):
+    """2 ranks x 2 workers: batches before the interruption + after resuming == the uninterrupted epoch."""
+    cfg = data_config(tmp_path, train_urls=shards["urls"], num_workers=2)
+    full, tensors = [], []
+    for r in range(2):
+        loader = build_train_loader(cfg, r, 2, 8)
+        batches = list(loader)
+        full.append([b["keys"] for b in batches])
+        tensors.append(batches[5]["image_features"])
+    for r in range(2):
+        first = build_train_loader(cfg, r, 2, 8)
+        head = epoch_keys(first, limit=5)
+        state = first.state_dict()
+        assert state["samples_consumed"] == 5 * 8 and state["epoch"] == 0
+        resumed = build_train_loader(cfg, r, 2, 8)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)  # the trainer may call this: it keeps the resumed position
+        tail = list(resumed)
+        assert head + [b["keys"] for b in tail] == full[r]
+        torch.testing.assert_close(tail[0]["image_features"], tensors[r], rtol=0, atol=0)  # same augmentation
+        assert resumed.epoch == 1 and resumed.state_dict()["samples_consumed"] == 0
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_a_different_world_size(tmp_path, shards, new_world):
+    """Saved at step 3 on 2 ranks, resumed on 1 or 3: the same global batches, no repeat, no gap."""
+    cfg = data_config(tmp_path, train_urls=shards["urls"])
+    g = 12
+    full = _global_batches([build_train_loader(cfg, r, 2, g) for r in range(2)])
+    before = [build_train_loader(cfg, r, 2, g) for r in range(2)]
+    head_per_rank = [epoch_keys(ld, limit=3) for ld in before]
+    states = [ld.state_dict() for ld in before]
+    assert states[0]["samples_consumed"] == states[1]["samples_consumed"] == 3 * g
+    head = [head_per_rank[0][b] + head_per_rank[1][b] for b in range(3)]
+    after = [build_train_loader(cfg, r, new_world, g) for r in range(new_world)]
+    for ld in after:
+        ld.load_state_dict(states[0])
+    tail = _global_batches(after)
+    assert head + tail == full
+    keys = sum(head + tail, [])
+    assert len(keys) == len(set(keys)) == N
+
+
+def test_resume_rejects_other_data(tmp_path, shards):
+    cfg = data_config(tmp_path, train_urls=shards["urls"])
+    state = build_train_loader(cfg, 0, 1, 8).state_dict()
+    other = data_config(tmp_path, train_urls=shards["urls"], seed=5)
+    with pytest.raises(Exception, match="seed was 0, now 5"):
+        build_train_loader(other, 0, 1, 8).load_state_dict(state)
+
+
+def test_eval_loader_splits_without_loss(tmp_path, shards):
+    cfg = data_config(tmp_path, val_urls=shards["urls"], train_urls=shards["urls"])
+    keys = [k for r in range(3) for k in sum(epoch_keys(build_eval_loader(cfg, r, 3, 10)), [])]
+    assert sorted(keys) == shards["keys"]
+    first = build_eval_loader(cfg, 0, 1, 10)
+    a, b = next(iter(first)), next(iter(first))
+    torch.testing.assert_close(a["image_features"], b["image_features"])  # no augmentation at eval
+
+
+def test_streaming_split_is_disjoint_and_complete():
+    urls = [f"s{i}" for i in range(11)]
+    parts = [split_shards(urls, r, 2, w, 3) for r in range(2) for w in range(3)]
+    assert sorted(sum(parts, [])) == sorted(urls)
+
+
+def test_streaming_loader_epoch_covers_all(tmp_path, shards):
+    """webdataset streaming: 2 ranks x 2 workers read disjoint shards; together every sample once."""
+    cfg = data_config(
+        tmp_path, train_urls=shards["urls"], loader="streaming", num_workers=2, shuffle_buffer=20
+    )
+    keys = [k for r in range(2) for k in sum(epoch_keys(build_train_loader(cfg, r, 2, 8)), [])]
+    assert sorted(keys) == shards["keys"]  # 16 per shard, 8 per batch: no partial batch dropped
+    resampled = data_config(tmp_path, train_urls=shards["urls"], loader="streaming", resampled=True)
+    loader = build_train_loader(resampled, 0, 1, 8)
+    assert len(epoch_keys(loader, limit=20)) == 20  # more than one epoch's worth: it never ends
+
+
+def test_streaming_weighted_mixing(tmp_path):
+    from mmt.config.data import DataSourceConfig
+
+    a = write_synthetic_shards(str(tmp_path / "a"), 64, 16, seed=1, key_prefix="a")
+    b = write_synthetic_shards(str(tmp_path / "b"), 64, 16, seed=2, key_prefix="b")
+    cfg = data_config(tmp_path, loader="streaming", resampled=True, shuffle_buffer=0)
+    cfg.data.sources = [
+        DataSourceConfig(urls=a["urls"], weight=3.0),
+        DataSourceConfig(urls=b["urls"], weight=1.0),
+    ]
+    keys = sum(epoch_keys(build_train_loader(cfg, 0, 1, 20), limit=20), [])
+    from_a = sum(k.startswith("a") for k in keys)
+    assert len(keys) == 400 and 255 < from_a < 345  # 3:1 -> 300 expected (binomial sd ~8.7)
+
+
+def test_shards_from_webdataset_shardwriter_and_plain_tar(tmp_path):
+    """Shards written by webdataset's ShardWriter and by tarfile in img2dataset layout load unchanged."""
+    rng = np.random.default_rng(0)
+    pattern = str(tmp_path / "wds-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=10, verbose=0) as sink:
+        for i in range(25):
+            img = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+            sink.write({"__key__": f"w{i:03d}", "jpg": img, "txt": f"caption {i}", "json": {"i": i}})
+    img2 = tmp_path / "img2dataset-00000.tar"
+    with tarfile.open(img2, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(12):
+            key = f"00000{i:04d}"
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (20, 50, 3), dtype=np.uint8)).save(buf, "JPEG")
+            meta = {
+                "url": f"http://example/{i}.jpg",
+                "caption": f"photo {i}",
+                "key": key,
+                "status": "success",
+            }
+            for ext, data in (
+                ("jpg", buf.getvalue()),
+                ("txt", f"photo {i}".encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    urls = f"{tmp_path}/wds-{{000000..000002}}.tar::{img2}"
+    for loader in ("indexed", "streaming"):
+        cfg = data_config(tmp_path, train_urls=urls, val_urls=urls, loader=loader, shuffle=False)
+        batches = (
+            list(build_eval_loader(cfg, 0, 1, 5))
+            if loader == "indexed"
+            else list(build_train_loader(cfg, 0, 1, 1))
+        )
+        keys = sorted(k for b in batches for k in b["keys"])
+        assert keys == sorted([f"w{i:03d}" for i in range(25)] + [f"00000{i:04d}" for i in range(12)])
+        for b in batches:
+            assert b["image_present"].all() and b["text_present"].all() and not b["audio_present"].any()
+            assert (b["audio_features"] == 0).all() and not b["audio_attention_mask"].any()
