@@ -25,6 +25,15 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """Fast path for the loader: one decode (a corrupt or truncated file raises here too), RGB out."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode == "RGB":
+        img.load()
+        return img
+    return open_image(data)
+
+
 def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
     """img2dataset's resize modes: ``keep_ratio`` (shorter side = size), ``center_crop`` (then crop to a square),
     ``border`` (longer side = size, padded to a square with black), ``no``."""

@@ -126,7 +126,7 @@ class SampleDecoder:
         if "image" in self.modalities and self.image is not None:
             found = first_of(raw, IMAGE_EXTS)
             if found is not None:
-                out["image"] = self.image(media.open_image(found[1]), rng)
+                out["image"] = self.image(media.decode_image(found[1]), rng)
         if "audio" in self.modalities and self.audio is not None:
             found = first_of(raw, AUDIO_EXTS)
             if found is not None:
