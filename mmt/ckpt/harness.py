@@ -132,6 +132,22 @@ def ds_config(args: argparse.Namespace, world: int, load_universal: bool) -> dic
     }
 
 
+def patch_zero3_scalar_init() -> None:
+    """ZeRO-3's parameter init broadcasts ``p.data.view(torch.uint8)``, which fails for a 0-dim parameter (the
+    CLIP temperature); broadcast a 1-element view of the same storage instead. Same effect otherwise."""
+    from deepspeed import comm as ds_dist
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    def _zero_init_param(self: Any, param: torch.Tensor) -> None:
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+        ds_dist.broadcast(param.data.reshape(-1).view(torch.uint8), src, group)
+        param.partition()
+
+    Init._zero_init_param = _zero_init_param
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -155,8 +171,10 @@ def live_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
     else:
         for name, p in module.named_parameters():
             out[name] = p.detach().float().clone()
+    persistent = set(module.state_dict())
     for name, b in module.named_buffers():
-        out[name] = b.detach().clone()
+        if name in persistent:
+            out[name] = b.detach().clone()
     return out
 
 
@@ -179,7 +197,7 @@ def save(
     dist.barrier()
     if rank == 0:
         if live is not None:
-            (Path(args.run_dir) / "live").mkdir(exist_ok=True)
+            (Path(args.run_dir) / "live").mkdir(parents=True, exist_ok=True)
             torch.save(live, Path(args.run_dir) / "live" / f"{tag}.pt")
         write_meta(
             root / tag,
@@ -232,7 +250,19 @@ def main(argv: list[str] | None = None) -> int:
             config=cfg if args.model != "toy" else None,
         )
     conf = ds_config(args, world, load_universal=bool(plan and plan.load_universal))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
+    # two groups like the trainer (no decay on vectors): the converter must handle several flat groups
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if (
+        args.model != "toy"
+    ):  # scalar parameters (the CLIP temperature) need the trainer's DeepSpeed work-around
+        from mmt.training.ds_compat import patch_deepspeed
+
+        patch_deepspeed()
+        if args.zero_stage == 3:
+            patch_zero3_scalar_init()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     step = 0
@@ -246,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             set_rng_state(state)
         else:  # a rank the saved run did not have: a fresh stream derived from the seed, step and rank
             torch.manual_seed(args.seed * 7919 + step * 31 + rank)
+        live = live_state_dict(engine, args.zero_stage) if args.dump_live else None
+        if rank == 0 and live is not None:
+            (Path(args.run_dir) / "live").mkdir(parents=True, exist_ok=True)
+            torch.save(live, Path(args.run_dir) / "live" / f"resumed_{tag_for_step(step)}.pt")
 
     losses = Path(args.run_dir) / "losses.jsonl"
     if rank == 0:

@@ -139,7 +139,7 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
     load_path, client = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, **load_kwargs)
     if load_path is None or client is None:
         raise CheckpointError(f"{plan.load_dir / plan.tag}: DeepSpeed found no checkpoint files to load")
-    step = client.get("step", engine.global_steps)
+    step = mmt_client_state(client).get("step", engine.global_steps)
     if int(step) != plan.step or int(engine.global_steps) != plan.step:
         raise CheckpointError(
             f"{plan.load_dir / plan.tag / META_FILE}: step {plan.step}, but the loaded state says step {step} "
@@ -148,7 +148,25 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
     return client
 
 
+def mmt_client_state(client_state: dict[str, Any]) -> dict[str, Any]:
+    """mmt's part of DeepSpeed's client state (the trainer nests it under ``"mmt"``)."""
+    inner = client_state.get("mmt")
+    return inner if isinstance(inner, dict) else client_state
+
+
 def rank_rng_state(client_state: dict[str, Any], rank: int, key: str = "rng_states") -> Any | None:
     """This rank's saved RNG state, or None when the saved run had fewer ranks (seed that rank afresh)."""
-    states = client_state.get(key) or []
+    states = mmt_client_state(client_state).get(key) or []
     return states[rank] if rank < len(states) else None
+
+
+def rank_loader_state(client_state: dict[str, Any], rank: int, key: str = "loader_states") -> Any | None:
+    """The data-loader state for ``rank`` on the new world size.
+
+    mmt's indexed loader saves the same world-size-independent position on every rank (epoch, samples consumed
+    of the global order), so any saved entry serves any new rank; a rank beyond the saved ones gets rank 0's.
+    """
+    states = mmt_client_state(client_state).get(key) or []
+    if not states:
+        return None
+    return states[rank] if rank < len(states) else states[0]
