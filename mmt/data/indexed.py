@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -166,8 +167,22 @@ def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is per-sample; threads would only oversubscribe the cores
+ENV_PREFIXES = ("AWS_", "MMT_", "GOOGLE_", "AZURE_", "FSSPEC_")
+
+
+class WorkerInit:
+    """Runs first in every worker: one torch thread, and the parent's storage environment as it is *now*.
+
+    A forkserver keeps the environment it started with; copying the credential / endpoint variables here
+    makes forkserver workers see what spawn workers would (e.g. credentials set after the forkserver began).
+    """
+
+    def __init__(self) -> None:
+        self.env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+
+    def __call__(self, _: int) -> None:
+        os.environ.update(self.env)
+        torch.set_num_threads(1)  # decoding is per-sample; threads would only oversubscribe the cores
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,7 @@ class IndexedLoader:
             multiprocessing_context=worker_context(workers.start_method) if nw > 0 else None,
             persistent_workers=workers.persistent_workers and nw > 0,
             prefetch_factor=workers.prefetch_factor if nw > 0 else None,
-            worker_init_fn=_worker_init if nw > 0 else None,
+            worker_init_fn=WorkerInit() if nw > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
-from mmt.data.indexed import WorkerSettings, _worker_init, worker_context
+from mmt.data.indexed import WorkerInit, WorkerSettings, worker_context
 from mmt.data.samples import Collator, SampleDecoder, SampleFailure
 from mmt.data.shards import StorageSettings, iter_tar_samples
 
@@ -173,7 +173,7 @@ class StreamingLoader:
             multiprocessing_context=worker_context(workers.start_method) if nw > 0 else None,
             persistent_workers=workers.persistent_workers and nw > 0,
             prefetch_factor=workers.prefetch_factor if nw > 0 else None,
-            worker_init_fn=_worker_init if nw > 0 else None,
+            worker_init_fn=WorkerInit() if nw > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
 
