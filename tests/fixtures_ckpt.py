@@ -1,0 +1,90 @@
+"""Shared fixtures of the checkpoint-tool tests: real DeepSpeed checkpoints made by `mmt.ckpt.harness`.
+
+One 2-rank run per ZeRO stage serves every test of the session (each torchrun launch costs ~10 s). Each run
+trains the tiny tri-modal model for 4 steps, saves at step 2 and dumps the live parameters at the save, so tests
+compare converted weights with what the engine actually held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "model" / "tiny_tri.yaml"
+SAVE_STEP = 2
+STEPS = 4
+
+
+def harness_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_harness(run_dir: Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m mmt.ckpt.harness --run-dir RUN_DIR ARGS`` (must succeed)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "mmt.ckpt.harness",
+        "--run-dir",
+        str(run_dir),
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(), timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"harness failed ({' '.join(cmd)}):\n{tail}")
+    return proc
+
+
+def read_losses(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "losses.jsonl").read_text().splitlines()
+    return {rec["step"]: rec for rec in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="session", name="zero_run")
+def zero_run_fixture(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``zero_run(stage)``: the run dir of a 2-rank fp32 run of the tiny model at that ZeRO stage (made once)."""
+    made: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in made:
+            run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+            run_harness(
+                run,
+                2,
+                "--model",
+                str(TINY),
+                "--zero-stage",
+                str(stage),
+                "--steps",
+                str(STEPS),
+                "--save-at",
+                str(SAVE_STEP),
+                "--dump-live",
+            )
+            made[stage] = run
+        return made[stage]
+
+    return get
+
+
+def live_params(run: Path, name: str = f"step_{SAVE_STEP:08d}") -> dict:
+    import torch
+
+    return torch.load(run / "live" / f"{name}.pt", map_location="cpu", weights_only=True)
