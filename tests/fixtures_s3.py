@@ -15,6 +15,7 @@ credentials explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -48,42 +49,56 @@ def _server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
 
 
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[str]:
-    """Start moto_server, wait until it answers, set the AWS variables; yield the endpoint URL."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """Run ``moto_server`` on a free port of 127.0.0.1 until the block ends; yield its endpoint URL."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         _server_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}") from None
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s") from None
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s") from None
+                time.sleep(0.1)
         yield endpoint
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def aws_env(endpoint: str) -> Iterator[None]:
+    """Test credentials, region and ``AWS_ENDPOINT_URL`` in ``os.environ`` for the block, restored after."""
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[str]:
+    """Start moto_server, wait until it answers, set the AWS variables; yield the endpoint URL."""
+    with moto_server() as endpoint, aws_env(endpoint):
+        yield endpoint
 
 
 @pytest.fixture

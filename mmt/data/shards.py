@@ -6,7 +6,8 @@ the node-local cache first). A missing or unreadable shard is skipped and listed
 decides whether too many failed.
 
 `SampleReader` turns (shard, sample) into the sample's members: it seeks to the sample's byte range in the local
-file (or the cached copy of a remote shard) and parses just that range with webdataset's tar iterator.
+file (or the cached copy of a remote shard) and parses just that range (a tar stream of its own) with the
+standard library's tar reader. Whole-shard iteration (`iter_tar_samples`) uses webdataset's tar iterator.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -247,13 +249,19 @@ class SampleReader:
                 f"shard is shorter than its index ({len(data)} of {end - start} bytes at {start})"
             )
         members: dict[str, bytes] = {}
-        for item in tar_file_iterator(io.BytesIO(data)):
-            parts = split_member(item["fname"])
+        # the range is a complete tar stream of this sample's members: the stdlib reader parses its headers
+        # (ustar, PAX, GNU long names) and the data is sliced out of the buffer without copying through files
+        for info in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
+            if not info.isreg():
+                continue
+            parts = split_member(info.name)
             if parts is None:
                 continue
             if parts[0] != key:
-                raise ValueError(f"member {item['fname']!r} does not belong to sample {key!r}: stale index?")
-            members[parts[1]] = item["data"]
+                raise ValueError(f"member {info.name!r} does not belong to sample {key!r}: stale index?")
+            if info.offset_data + info.size > len(data):
+                raise ValueError(f"member {info.name!r} runs past the indexed range: stale index?")
+            members[parts[1]] = data[info.offset_data : info.offset_data + info.size]
         if not members:
             raise ValueError("no members at the indexed offset: stale index?")
         return key, members
