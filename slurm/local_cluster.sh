@@ -8,6 +8,7 @@
 #
 # No systemd: munged runs as the munge user, slurmctld and slurmd as root, all started here. Config, state, logs
 # and pid files live in MMT_SLURM_DIR (default /tmp/mmt-slurm); the system's /etc/slurm is not touched.
+# MMT_SLURMCTLD_PORT / MMT_SLURMD_PORT (default 6817 / 6818) let a second cluster run beside the first.
 # Settings: SlurmUser/SlurmdUser root, munge auth, select/cons_tres with CR_CPU, proctrack/linuxproc, no
 # accounting, jobcomp/filetxt (so `sacct -c` works), short credential lifetime so requeued jobs restart in seconds.
 set -euo pipefail
@@ -78,7 +79,7 @@ SchedulerParameters=sched_min_interval=0,batch_sched_delay=0,bf_interval=1,sched
 SchedulerType=sched/backfill
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=5
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=60
@@ -101,6 +102,7 @@ start_munge() {
         as_root chmod 400 /etc/munge/munge.key
     fi
     as_root runuser -u munge -- /usr/sbin/munged
+    touch "$state/munged.started"  # stop only a munged this script started
     for _ in $(seq 50); do
         munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -158,7 +160,10 @@ stop() {
         for _ in $(seq 50); do pid_alive "$state/$f.pid" || break; sleep 0.2; done
         if pid_alive "$state/$f.pid"; then as_root kill "$(cat "$state/$f.pid")" 2>/dev/null || true; fi
     done
-    if command -v munged >/dev/null; then as_root munged --stop >/dev/null 2>&1 || true; fi
+    if [ -f "$state/munged.started" ]; then
+        as_root munged --stop >/dev/null 2>&1 || true
+        rm -f "$state/munged.started"
+    fi
     log "cluster stopped"
 }
 

@@ -1,0 +1,131 @@
+"""A real single-node Slurm cluster for tests, started by `slurm/local_cluster.sh` and stopped afterwards.
+
+Import it explicitly (`from tests.fixtures_slurm import slurm_cluster  # noqa: F401`). The script installs the
+Debian packages when they are missing (apt-get, as root), so a fresh machine needs nothing else. The cluster
+gets its own state folder and free ports, so it never touches another cluster on the machine; `SLURM_CONF`
+points the Slurm commands (and `mmt slurm`) at it for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "local_cluster.sh"
+START_TIMEOUT_S = 600  # a fresh machine installs the packages first
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    conf: Path
+    state_dir: Path
+
+    def log_tail(self, n: int = 30) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            p = self.state_dir / "log" / name
+            if p.is_file():
+                out.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
+        return "\n".join(out)
+
+
+def _run_script(action: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    state = tmp_path_factory.mktemp("slurm_cluster")
+    env = {
+        **os.environ,
+        "MMT_SLURM_DIR": str(state),
+        "MMT_SLURMCTLD_PORT": str(_free_port()),
+        "MMT_SLURMD_PORT": str(_free_port()),
+    }
+    cluster = SlurmCluster(state / "slurm.conf", state)
+    proc = _run_script("start", env, START_TIMEOUT_S)
+    if proc.returncode != 0:
+        _run_script("stop", env, 120)
+        raise RuntimeError(
+            f"local Slurm cluster did not start ({proc.returncode}):\n{proc.stderr[-3000:]}\n"
+            f"{cluster.log_tail()}"
+        )
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        _run_script("stop", env, 120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not seen after {timeout} s")
+        time.sleep(poll)
+
+
+def job_pids(job_id: str, procid: int | None = None) -> list[int]:
+    """PIDs of this machine's processes that run job ``job_id`` (optionally only srun task ``procid``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        if env.get("SLURM_JOB_ID") != str(job_id) or "SLURM_STEP_ID" not in env:
+            continue
+        if env["SLURM_STEP_ID"] in ("batch", "4294967291"):
+            continue
+        if procid is not None and env.get("SLURM_PROCID") != str(procid):
+            continue
+        out.append(int(d.name))
+    return out
+
+
+def kill_rank(job_id: str, rank_env: str, rank: int) -> int:
+    """SIGKILL the process of ``job_id`` whose ``rank_env`` (RANK or SLURM_PROCID) is ``rank``; its pid."""
+    for pid in job_pids(job_id):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        if (
+            env.get(rank_env) == str(rank)
+            and re.search(rb"python", cmdline)
+            and b"torch.distributed.run" not in cmdline
+        ):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+    raise LookupError(f"job {job_id}: no process with {rank_env}={rank}")

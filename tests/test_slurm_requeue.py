@@ -1,0 +1,138 @@
+"""The batch script's requeue logic on a real Slurm cluster, with a stand-in trainer (tests/slurm_standin.py).
+
+The stand-in is a real 2-rank job that keeps only a counter, so these tests exercise signal delivery,
+requeue, bounded retries and job arrays in seconds; tests/test_slurm_train.py does the same with `mmt train`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmt.slurm.cli import main as slurm_main
+from mmt.slurm.scontrol import show_job, wait_for_jobs
+from tests.fixtures_slurm import REPO, slurm_cluster, wait_for  # noqa: F401
+
+JOB_TIMEOUT_S = 90
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+
+def _config(tmp_path: Path, steps: int = 8, interval: int = 2, **env: str) -> Path:
+    cfg = {
+        "train": {"max_steps": steps, "checkpoint_interval": interval, "global_batch": 4},
+        "tracking": {"run_name": "standin"},
+        "slurm": {
+            "ntasks_per_node": 2,
+            "entry": "tests.slurm_standin",
+            "time": "00:10:00",
+            "signal_seconds": 60,
+            "env": {"PYTHONPATH": str(REPO), "STANDIN_STEP_S": "0.25", **env},
+        },
+    }
+    path = tmp_path / "standin.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _submit(tmp_path: Path, config: Path, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(tmp_path)
+    assert slurm_main(["submit", str(config), *args]) == 0
+    jobs = sorted(tmp_path.glob("runs/**/slurm_jobs.txt"))
+    return jobs[0].read_text().split()[-1]
+
+
+def _keys(run_dir: Path, world: int = 2) -> list[list[dict]]:
+    return [
+        [json.loads(line) for line in (run_dir / "keys" / f"rank_{r:05d}.jsonl").read_text().splitlines()]
+        for r in range(world)
+    ]
+
+
+def _log(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(run_dir.glob("slurm-*.out")))
+
+
+def _assert_exactly_once(run_dir: Path, steps: int, global_batch: int = 4) -> None:
+    """Every step exactly once per rank, and every sample id 0..steps*global_batch-1 exactly once overall."""
+    seen = []
+    for records in _keys(run_dir):
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        seen += [k for r in records for k in r["keys"]]
+    assert sorted(seen) == list(range(steps * global_batch))
+
+
+@pytest.mark.parametrize(
+    ("launch", "sig", "scope"),
+    [("srun", "USR1", "--full"), ("torchrun", "HUP", "--batch"), ("srun", "TERM", "--batch")],
+)
+def test_signal_checkpoints_requeues_and_resumes(tmp_path, monkeypatch, launch, sig, scope):
+    config = _config(tmp_path, steps=12, interval=4)
+    job = _submit(tmp_path, config, "--launch", launch, "--signal", sig, monkeypatch=monkeypatch)
+    run_dir = tmp_path / "runs" / "standin"
+    rank0 = run_dir / "keys" / "rank_00000.jsonl"
+    wait_for(lambda: rank0.is_file() and len(rank0.read_text().splitlines()) >= 2, 60, "two training steps")
+    # The signal Slurm sends before the time limit (--signal=B:...), delivered now; --full also hits the ranks.
+    subprocess.run(["scancel", f"--signal={sig}", scope, job], check=True)
+    (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
+    log = _log(run_dir)
+    assert info.state == "COMPLETED", log
+    assert info.restarts == 1, log
+    assert "mmt-slurm: preempted" in log and "start at step 0, restart 0" in log
+    resumed = [line for line in log.splitlines() if "restart 1" in line and "start at step" in line]
+    assert resumed and " 0," not in resumed[0], log  # resumed from a saved step, not from scratch
+    assert "mmt-slurm: training finished" in log
+    _assert_exactly_once(run_dir, 12)
+    assert {r["restart"] for r in _keys(run_dir)[0]} == {0, 1}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+
+
+def test_hard_kill_mid_save_resumes_from_last_complete_checkpoint(tmp_path, monkeypatch):
+    # Rank 1 SIGKILLs itself after writing its part of step 6's checkpoint: step_00000006 exists, incomplete.
+    config = _config(tmp_path, steps=8, interval=2, STANDIN_DIE_AT_STEP="6")
+    job = _submit(tmp_path, config, monkeypatch=monkeypatch)
+    run_dir = tmp_path / "runs" / "standin"
+    (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
+    log = _log(run_dir)
+    assert info.state == "COMPLETED", log
+    assert info.restarts == 1, log
+    assert "failure 1 of at most 3 retried" in log
+    assert "restart 1" in log and "start at step 4, restart 1" in log, log
+    # Steps 5 and 6 ran twice (the restart replays them from step 4's data position, with the same samples).
+    for records in _keys(run_dir):
+        steps = [r["step"] for r in records]
+        assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+        by_attempt = {(r["restart"], r["step"]): r["keys"] for r in records}
+        assert by_attempt[(0, 5)] == by_attempt[(1, 5)] and by_attempt[(0, 6)] == by_attempt[(1, 6)]
+
+
+def test_failures_are_retried_a_bounded_number_of_times(tmp_path, monkeypatch):
+    config = _config(tmp_path, STANDIN_FAIL="1")
+    job = _submit(tmp_path, config, "--max-failures", "1", monkeypatch=monkeypatch)
+    (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
+    log = _log(tmp_path / "runs" / "standin")
+    assert info.state == "FAILED", log
+    assert info.restarts == 1, log
+    assert info.exit_code != "0:0"
+    assert "failure 1 of at most 1 retried" in log
+    assert "2 failures exceed slurm.max_failures=1, not requeueing" in log
+
+
+def test_sweep_runs_one_array_task_per_value(tmp_path, monkeypatch):
+    config = _config(tmp_path, steps=2, interval=0)
+    job = _submit(tmp_path, config, "--sweep", "train.global_batch=4,8", monkeypatch=monkeypatch)
+    infos = wait_for_jobs(job, JOB_TIMEOUT_S, predicate=lambda i: len(i) == 2 and all(x.final for x in i))
+    base = tmp_path / "runs" / "standin"
+    assert [i.state for i in infos] == ["COMPLETED", "COMPLETED"], _log(base)
+    manifest = json.loads((base / "sweep.json").read_text())
+    assert [m["label"] for m in manifest] == ["global_batch=4", "global_batch=8"]
+    for m, batch in zip(manifest, (4, 8)):
+        run_dir = Path(m["run_dir"])
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["train"]["global_batch"] == batch
+        assert saved["tracking"]["run_name"] == f"standin-global_batch={batch}"
+        _assert_exactly_once(run_dir, 2, batch)
+    assert show_job(job)  # the array's tasks are still known to Slurm
