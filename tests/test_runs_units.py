@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from mlflow.entities import Param, Run, RunData, RunInfo
+from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 
-from mmt.tracking.runs import MetricPoint, RunsError, default_tracking_uri, metric_mode, resolve_tracking_uri
+from mmt.tracking.runs import (
+    MetricPoint,
+    RunsError,
+    default_metrics,
+    default_tracking_uri,
+    metric_mode,
+    resolve_tracking_uri,
+)
 from mmt.tracking.runs_compare import MetricStats, differing_params
 from mmt.tracking.runs_plot import default_size, ema, parse_size
 
@@ -57,6 +64,25 @@ def test_metric_stats_final_and_best():
     nan = MetricPoint(3, 40, float("nan"))  # a diverged last step: final says so, best ignores it
     s = MetricStats.from_points([*pts, nan], "min")
     assert s.final != s.final and (s.best, s.best_step) == (0.5, 1)
+
+
+def test_default_metrics_prefer_headline_metrics():
+    def run_with(*keys: str) -> Run:
+        info = RunInfo("r", "0", "user", "FINISHED", 0, 1, "active")
+        return Run(info, RunData(metrics=[Metric(k, 1.0, 0, 0) for k in keys]))
+
+    retrieval = run_with(
+        "train/loss", "train/lr", "val/recall_at_1", "val/text_to_image_recall_at_5", "val/loss"
+    )
+    vqa = run_with("train/loss", "val/vqa_accuracy")
+    assert default_metrics([retrieval, vqa]) == [
+        "train/loss",
+        "val/loss",
+        "val/recall_at_1",
+        "val/vqa_accuracy",
+    ]
+    other = run_with("train/loss", "val/samples", "val/top5", "val/a_b_recall_at_1_chance", "val/acc")
+    assert default_metrics([other]) == ["train/loss", "val/acc", "val/top5"]
 
 
 def test_plot_size_parsing():

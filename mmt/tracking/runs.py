@@ -182,7 +182,24 @@ def metric_mode(key: str) -> str:
     return "min" if any(word in name for word in lower_is_better) else "max"
 
 
+# The headline number of each `mmt train` task's evaluation (retrieval, VQA, captioning) and the shared loss.
+HEADLINE_METRICS = (
+    "train/loss",
+    "val/loss",
+    "val/recall_at_1",
+    "val/vqa_accuracy",
+    "val/bleu4",
+    "val/perplexity",
+)
+
+
 def default_metrics(runs: Sequence[Run]) -> list[str]:
-    """`train/loss` and every `val/*` metric any of the runs logged: the numbers a comparison is about."""
+    """The headline metrics any of the runs logged; without any headline `val/*` metric, every `val/*` metric
+    except the bookkeeping ones (`val/samples`, `*_chance` baselines)."""
     logged = {k for r in runs for k in r.data.metrics}
-    return [k for k in ["train/loss"] if k in logged] + sorted(k for k in logged if k.startswith("val/"))
+    chosen = [k for k in HEADLINE_METRICS if k in logged]
+    if not any(k.startswith("val/") for k in chosen):
+        chosen += sorted(
+            k for k in logged if k.startswith("val/") and k != "val/samples" and not k.endswith("_chance")
+        )
+    return chosen
