@@ -116,3 +116,18 @@ def test_retry_backs_off_then_succeeds_or_names_the_url():
     assert storage.retry(flaky, "reading s3://b/k", retries=3, backoff_s=0.01) == "ok" and len(calls) == 3
     with pytest.raises(storage.StorageError, match="reading s3://b/k: failed after 2 attempts"):
         storage.retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "reading s3://b/k", 1, 0.01)
+
+
+def test_cache_size_limit_with_shard_window(tmp_path, s3_shards):
+    """shard_window=1 reads one shard at a time; the node cache keeps at most ~2 shards (LRU eviction)."""
+    one_shard = 120_000  # a shard of 12 synthetic samples is ~113 kB
+    cfg = data_config(
+        tmp_path, train_urls=s3_shards["urls"], shard_window=1, cache_max_gb=2 * one_shard / 1e9
+    )
+    batches = epoch_keys(build_train_loader(cfg, 0, 1, 6))
+    assert sorted(sum(batches, [])) == KEYS
+    shard_of = [{int(k.removeprefix("sample")) // PER_SHARD for k in b} for b in batches]
+    assert all(len(s) == 1 for s in shard_of)  # 12 samples per shard, 6 per batch: one shard per batch
+    cache = tmp_path / "cache" / "shards"
+    sizes = [p.stat().st_size for p in cache.iterdir() if p.suffix == ".tar"]
+    assert max(sizes) < one_shard and sum(sizes) <= 2 * one_shard and len(sizes) <= 2

@@ -92,6 +92,9 @@ class DataConfig:
         "",
         doc="node-local cache of remote shards and computed indexes ('' : $MMT_DATA_CACHE or a temp folder)",
     )
+    cache_max_gb: float = cfg_field(
+        0.0, doc="evict least recently used cached shards beyond this size (0: keep all)", ge=0
+    )
     endpoint_url: str = cfg_field("", doc="S3-compatible endpoint ('' : AWS_ENDPOINT_URL, else AWS)")
     retries: int = cfg_field(4, doc="retries of a failed remote read (exponential backoff)", ge=0)
     retry_backoff_s: float = cfg_field(0.5, doc="first retry delay in seconds (doubles each retry)", ge=0)

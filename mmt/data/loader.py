@@ -61,6 +61,7 @@ def storage_settings(cfg: Config) -> StorageSettings:
         endpoint_url=storage.resolve_endpoint(d.endpoint_url),
         retries=d.retries,
         backoff_s=d.retry_backoff_s,
+        cache_max_bytes=int(d.cache_max_gb * 1e9),
     )
 
 
@@ -238,7 +239,12 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
 
 def build_eval_loader(cfg: Config, rank: int, world_size: int, batch_size: int) -> IndexedLoader:
     """This rank's part of ``data.val_urls``: samples ``rank, rank + world_size, ...`` in order, no augmentation,
-    batches of ``batch_size`` (the last may be smaller); every sample is seen once over all ranks."""
+    batches of ``batch_size`` (the last may be smaller); every sample is seen once over all ranks.
+
+    Ranks may get different numbers of batches (by at most one) when the sample count does not divide: gather
+    results with that in mind (or evaluate on rank 0 with ``world_size=1``). Iterating again restarts from the
+    first sample.
+    """
     if not cfg.data.val_urls:
         raise ConfigError(SOURCE, "data.val_urls", "no evaluation shards")
     settings = storage_settings(cfg)

@@ -57,6 +57,7 @@ class StorageSettings:
     endpoint_url: str = ""
     retries: int = 4
     backoff_s: float = 0.5
+    cache_max_bytes: int = 0  # 0: unlimited
 
 
 class ShardCache:
@@ -78,6 +79,7 @@ class ShardCache:
             return url.removeprefix("file://")
         path = self.path_for(url)
         if os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size):
+            os.utime(path)  # recently used: evicted last
             return path
         os.makedirs(self.root, exist_ok=True)
         with open(path + ".lock", "w") as lock:
@@ -88,9 +90,36 @@ class ShardCache:
                 ):
                     s = self.settings
                     storage.download(url, path, s.endpoint_url, s.retries, s.backoff_s)
+                    if s.cache_max_bytes > 0:
+                        self.evict(keep=path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return path
+
+    def evict(self, keep: str) -> None:
+        """Delete least recently used shards until the cache fits ``cache_max_bytes``.
+
+        Readers that still hold an evicted file open keep reading it (POSIX); a later open fetches it again.
+        """
+        entries = []
+        for name in os.listdir(self.root):
+            p = os.path.join(self.root, name)
+            if name.endswith((".lock", ".tmp")) or name.startswith(".") or p == keep:
+                continue
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(e[1] for e in entries) + os.path.getsize(keep)
+        for _, nbytes, p in sorted(entries):
+            if total <= self.settings.cache_max_bytes:
+                break
+            try:
+                os.unlink(p)
+                total -= nbytes
+            except FileNotFoundError:
+                pass
 
 
 @dataclass
