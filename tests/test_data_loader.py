@@ -106,8 +106,11 @@ def test_epoch_order_is_a_seeded_permutation():
     assert sorted(windowed.tolist()) == list(range(24))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     shard_of = np.searchsorted(starts, windowed, side="right") - 1
-    first_window = set(shard_of[: counts[shard_of[0]] + 0].tolist())
-    assert len(first_window) <= 2  # the first samples come from one window of two shards
+    a = shard_of[0]
+    b = next(s for s in shard_of if s != a)
+    n = counts[a] + counts[b]
+    assert set(shard_of[:n].tolist()) == {a, b}  # the first window: all samples of two shards, shuffled
+    assert len(set(shard_of[n:].tolist())) == 2  # then the other window
 
 
 def test_rank_split_covers_every_sample_once(tmp_path, shards):
