@@ -21,8 +21,13 @@ class ContrastiveHead(nn.Module):
         self.proj = nn.ModuleDict({m: nn.Linear(d, cfg.embed_dim, bias=False) for m, d in dims.items()})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
-    def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: F.normalize(self.proj[m](v), dim=-1) for m, v in pooled.items()}
+    def forward(
+        self, pooled: dict[str, torch.Tensor], with_scale: bool = False
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Embeddings; with ``with_scale`` also `scale()`, computed inside this forward so that the temperature
+        is used within its own module's call (sharded engines such as ZeRO-3 lose its gradient otherwise)."""
+        emb = {m: F.normalize(self.proj[m](v), dim=-1) for m, v in pooled.items()}
+        return (emb, self.scale()) if with_scale else emb
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at ``max_logit_scale`` (CLIP clamps at 100 to keep training stable)."""

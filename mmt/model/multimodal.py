@@ -90,8 +90,7 @@ class MultiModalModel(nn.Module):
             out.features[m], out.masks[m] = self.encoders[m](x, mask)
         if self.contrastive is not None:
             out.pooled = {m: self.pools[m](out.features[m], out.masks[m]) for m in out.features}
-            out.embeddings = self.contrastive(out.pooled)
-            out.logit_scale = self.contrastive.scale()
+            out.embeddings, out.logit_scale = self.contrastive(out.pooled, with_scale=True)
         return out
 
     def fuse(self, out: MultiModalOutput, modalities: list[str]) -> FusionOutput:
