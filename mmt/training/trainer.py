@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -174,6 +175,11 @@ def _system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
     return tags
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _memory_metrics(device: torch.device) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
@@ -234,6 +240,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
+        # DeepSpeed's ZeRO collectives call torch APIs that torch now flags on every step; not actionable here.
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        )
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         self.env, self.device, self._created_pg = D.setup_distributed(
@@ -319,6 +329,9 @@ class Trainer:
             lr_scheduler=make_scheduler_factory(t.schedule, self.total_steps),
         )
         self.engine = engine
+        # ZeRO-0 fp32 does not keep the norm it clips with; measure it (grads are all-reduced by then).
+        self._own_grad_norm = t.zero_stage == 0 and t.precision == "fp32"
+        self._grad_norm: float | None = None
         self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
 
         if self.resume_dir is not None:
@@ -518,9 +531,12 @@ class Trainer:
                 batch = next(batches)
                 if t.record_keys:
                     self._record_keys(batch)
+                log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == self.total_steps
                 for micro in split_micro(batch, self.plan.grad_accum):
                     res = self.task.step(self.engine, micro, self.device, self.dtype)
                     self.engine.backward(res.loss)
+                    if log_now and self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                        self._grad_norm = _grad_norm(self.engine.module)
                     self.engine.step()
                     meter.add(res.metrics)
                     meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
@@ -568,7 +584,7 @@ class Trainer:
         metrics = {f"train/{k}": v for k, v in means.items()}
         sps = meter.samples / max(elapsed, 1e-9)
         metrics["train/lr"] = float(self.engine.get_lr()[0])
-        gn = self.engine.get_global_grad_norm()
+        gn = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         if gn is not None:
             metrics["train/grad_norm"] = float(gn)
         metrics["train/samples_per_s"] = sps

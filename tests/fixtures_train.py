@@ -1,0 +1,346 @@
+"""Shared pieces of the training tests: tiny real shards, run configs, launchers, and 2-rank check scenarios.
+
+The scenarios at the bottom run inside ``torchrun --nproc_per_node 2 -m tests.fixtures_train SCENARIO ...``:
+several checks share one launch (process start-up and DeepSpeed import dominate a tiny run's cost on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRI = ROOT / "configs/model/tiny_tri.yaml"
+PY = sys.executable
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def write_shards(
+    out: Path, n: int, per_shard: int = 16, seed: int = 0, no_audio: Callable[[int], bool] | None = None
+) -> str:
+    """``n`` synthetic tri-modal samples (real shard writer); ``no_audio(i)`` drops sample i's audio."""
+    from mmt.data.build.builder import write_samples
+    from mmt.data.build.process import Processed
+    from mmt.data.synthetic import COLOURS, synthetic_sample
+
+    def gen():
+        for i in range(n):
+            s = synthetic_sample(i, seed)
+            mods = ("image", "text", "audio", "vqa")
+            if no_audio is not None and no_audio(i):
+                s.pop("wav")
+                mods = ("image", "text", "vqa")
+            yield Processed(s["__key__"], f"synthetic[{i}]", s, None, mods)
+
+    manifest = write_samples(gen(), str(out), max_samples_per_shard=per_shard, vocab=list(COLOURS))
+    return manifest["urls"]
+
+
+def write_config(
+    path: Path,
+    *,
+    train_urls: str,
+    val_urls: str = "",
+    run_dir: Path,
+    task: str = "retrieval",
+    model: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    tracking: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Path:
+    """A run config over the tiny tri-modal model with test-sized defaults (global batch 8, 3 steps)."""
+    cfg = {
+        "model": {**yaml.safe_load(TINY_TRI.read_text()), **(model or {})},
+        "data": {
+            "train_urls": train_urls,
+            "val_urls": val_urls,
+            "num_workers": 0,
+            "cache_dir": str(path.parent / "cache"),
+            **(data or {}),
+        },
+        "train": {
+            "task": task,
+            "run_dir": str(run_dir),
+            "global_batch": 8,
+            "max_steps": 3,
+            "log_interval": 1,
+            "progress_bar": False,
+            "checkpoint_at_end": False,
+            "eval_at_end": bool(val_urls),
+            "torch_threads": 1,
+            "zero_stage": 2,
+            "schedule": {"warmup_steps": 1},
+            **(train or {}),
+        },
+        "tracking": {
+            "experiment": "mmt-tests",
+            "run_name": run_dir.name,
+            "backend": "none",
+            **(tracking or {}),
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl rows with train/loss, by step (a later row for the same step wins: resumed runs)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "train/loss" in r:
+            rows[r["step"]] = r
+    return rows
+
+
+def eval_row(run_dir: Path) -> dict[str, Any]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if any(k.startswith("val/") for k in r)][-1]
+
+
+def consumed_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    """Step -> keys this rank trained on (``train.record_keys``); a later line for a step wins."""
+    out: dict[int, list[str]] = {}
+    for line in (run_dir / "keys" / f"rank_{rank:05d}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["keys"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def env_for_runs(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def mmt_single(*args: str) -> list[str]:
+    return [PY, "-m", "mmt.train", *args]
+
+
+def mmt_torchrun(nproc: int, *args: str) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mmt.train",
+        *args,
+    ]
+
+
+def mmt_deepspeed(nproc: int, *args: str) -> list[str]:
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "mmt.train",
+        *args,
+    ]
+
+
+def scenario_torchrun(nproc: int, *args: str) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "tests.fixtures_train",
+        *args,
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(
+    cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion (own process group: a timeout kills every child); output captured."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env_for_runs(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{_tail(out)}") from None
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{_tail(out)}")
+    return res
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(text: str | None, n: int = 60) -> str:
+    lines = [x for x in (text or "").splitlines() if not x.startswith("[20")]  # drop DeepSpeed's info lines
+    return "\n".join(lines[-n:])
+
+
+def wait_for(
+    pred: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None
+) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}\n{_tail(out)}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------------- scenarios
+def _scenario_contrastive(out: Path) -> None:
+    """2 ranks: gathered CLIP loss == single-process loss over the concatenated batch; gradients too."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from mmt.training.losses import clip_pair_loss, contrastive_loss, global_loss_scale, scale_grad
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    n, d, e = 8, 6, 5
+    x = {m: torch.randn(n, d, generator=g) for m in ("text", "image", "audio")}
+    audio_present = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.bool)  # rank 1's rows: no audio at all
+    pairs = [("text", "image", 1.0), ("text", "audio", 0.5)]
+
+    def model():
+        torch.manual_seed(1)
+        proj = torch.nn.ModuleDict({m: torch.nn.Linear(d, e, bias=False) for m in x})
+        scale = torch.nn.Parameter(torch.tensor(2.5))
+        return proj, scale
+
+    def forward(proj, scale, rows):
+        emb = {m: F.normalize(proj[m](x[m][rows]), dim=-1) for m in x}
+        present = {
+            "text": torch.ones(len(rows), dtype=torch.bool),
+            "image": torch.ones(len(rows), dtype=torch.bool),
+            "audio": audio_present[rows],
+        }
+        return emb, present
+
+    # single process over the whole batch
+    proj, scale = model()
+    emb, present = forward(proj, scale, torch.arange(n))
+    for t in emb.values():
+        t.retain_grad()
+    # written out directly (no gathering): the loss the 2-rank computation must reproduce
+    both = present["audio"]
+    ref_loss = clip_pair_loss(emb["text"], emb["image"], scale.exp()) + 0.5 * clip_pair_loss(
+        emb["text"][both], emb["audio"][both], scale.exp()
+    )
+    ref_loss.backward()
+    ref_param_grads = [p.grad.clone() for p in [*proj.parameters(), scale]]
+    ref_emb_grads = {m: t.grad.clone() for m, t in emb.items()}
+
+    # this rank's half, features gathered across ranks
+    rows = torch.arange(rank * n // world, (rank + 1) * n // world)
+    proj, scale = model()
+    emb, present = forward(proj, scale, rows)
+    for t in emb.values():
+        t.retain_grad()
+    ls = scale_grad(scale.exp(), 1.0 / global_loss_scale())
+    loss, _ = contrastive_loss(emb, present, ls, pairs)
+    (loss * global_loss_scale()).backward()
+    emb_grads_ok = all(
+        torch.allclose(emb[m].grad / global_loss_scale(), ref_emb_grads[m][rows], atol=1e-6) for m in emb
+    )
+    grads = [p.grad.clone() for p in [*proj.parameters(), scale]]
+    for gr in grads:  # what data parallelism does: average over ranks
+        dist.all_reduce(gr)
+        gr /= world
+    result = {
+        "loss": float(loss),
+        "ref_loss": float(ref_loss),
+        "local_feature_grads_match": bool(emb_grads_ok),
+        "max_param_grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads, ref_param_grads)),
+        "max_param_grad": max(float(b.abs().max()) for b in ref_param_grads),
+    }
+    (out / f"contrastive_rank{rank}.json").write_text(json.dumps(result))
+
+
+def _scenario_train(out: Path, configs: list[str]) -> None:
+    """Run `mmt.training.trainer.train` for each config, one after another in this process group."""
+    import torch.distributed as dist
+
+    from mmt.config import load_config
+    from mmt.training.trainer import train
+
+    results = {}
+    for path in configs:
+        cfg = load_config(path)
+        t0 = time.perf_counter()
+        res = train(cfg, source=path)
+        results[path] = {"exit_code": res.exit_code, "step": res.step, "seconds": time.perf_counter() - t0}
+    if dist.get_rank() == 0:
+        (out / "train_results.json").write_text(json.dumps(results))
+
+
+def main(argv: list[str]) -> int:
+    import deepspeed
+
+    from mmt.training.distributed import setup_distributed, teardown_distributed
+
+    scenario, out = argv[0], Path(argv[1])
+    _, _, created = setup_distributed("cpu", "gloo", 120)
+    del deepspeed
+    try:
+        if scenario == "contrastive":
+            _scenario_contrastive(out)
+        elif scenario == "train":
+            _scenario_train(out, argv[2:])
+        elif scenario == "contrastive+train":
+            _scenario_contrastive(out)
+            _scenario_train(out, argv[2:])
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+    finally:
+        teardown_distributed(created)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
