@@ -51,33 +51,58 @@ def _run_script(action: str, env: dict[str, str], timeout: float) -> subprocess.
     )
 
 
+class _Shared:
+    """One cluster per test session even when several modules import the fixture (each import is its own
+    session-scoped fixture to pytest): started by the first user, stopped when the last one is done."""
+
+    cluster: SlurmCluster | None = None
+    env: dict[str, str] = {}
+    users = 0
+    old_conf: str | None = None
+
+
+def _acquire(tmp_path_factory: pytest.TempPathFactory) -> SlurmCluster:
+    if _Shared.cluster is None:
+        state = tmp_path_factory.mktemp("slurm_cluster")
+        env = {
+            **os.environ,
+            "MMT_SLURM_DIR": str(state),
+            "MMT_SLURMCTLD_PORT": str(_free_port()),
+            "MMT_SLURMD_PORT": str(_free_port()),
+        }
+        cluster = SlurmCluster(state / "slurm.conf", state)
+        proc = _run_script("start", env, START_TIMEOUT_S)
+        if proc.returncode != 0:
+            _run_script("stop", env, 120)
+            raise RuntimeError(
+                f"local Slurm cluster did not start ({proc.returncode}):\n{proc.stderr[-3000:]}\n"
+                f"{cluster.log_tail()}"
+            )
+        _Shared.cluster, _Shared.env, _Shared.old_conf = cluster, env, os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+    _Shared.users += 1
+    return _Shared.cluster
+
+
+def _release() -> None:
+    _Shared.users -= 1
+    if _Shared.users > 0 or _Shared.cluster is None:
+        return
+    _run_script("stop", _Shared.env, 120)
+    if _Shared.old_conf is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = _Shared.old_conf
+    _Shared.cluster = None
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    state = tmp_path_factory.mktemp("slurm_cluster")
-    env = {
-        **os.environ,
-        "MMT_SLURM_DIR": str(state),
-        "MMT_SLURMCTLD_PORT": str(_free_port()),
-        "MMT_SLURMD_PORT": str(_free_port()),
-    }
-    cluster = SlurmCluster(state / "slurm.conf", state)
-    proc = _run_script("start", env, START_TIMEOUT_S)
-    if proc.returncode != 0:
-        _run_script("stop", env, 120)
-        raise RuntimeError(
-            f"local Slurm cluster did not start ({proc.returncode}):\n{proc.stderr[-3000:]}\n"
-            f"{cluster.log_tail()}"
-        )
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
+    cluster = _acquire(tmp_path_factory)
     try:
         yield cluster
     finally:
-        _run_script("stop", env, 120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
+        _release()
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.05):

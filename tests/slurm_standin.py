@@ -9,8 +9,7 @@ the newest complete checkpoint. Collectives go through files in the run director
 Each step's sample ids go to ``<run_dir>/keys/rank_XXXXX.jsonl`` so a test can check that no sample is seen twice.
 
 Test knobs (environment): STANDIN_STEP_S (seconds per step), STANDIN_FAIL (exit 3 at startup: a crash that is
-not preemption), STANDIN_DIE_AT_STEP (on the first attempt, rank 1 SIGKILLs itself half-way through that
-step's save).
+not preemption).
 """
 
 from __future__ import annotations
@@ -99,8 +98,6 @@ def main(argv: list[str]) -> int:
         tag_dir = ckpt_dir / f"step_{step:08d}"
         tag_dir.mkdir(parents=True, exist_ok=True)
         _write(tag_dir / f"rank_{rank:05d}.json", json.dumps({"counter": counter}))
-        if int(env.get("STANDIN_DIE_AT_STEP", "0")) == step and rank == 1 and restart == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash in the middle of the save
         coll.barrier()
         if rank == 0:
             meta = {"step": step, "samples_seen": counter, "world_size": world, "complete": True}
