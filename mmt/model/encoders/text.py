@@ -7,12 +7,20 @@ from torch import nn
 
 from mmt.config.model import ModelConfig, TextEncoderConfig
 from mmt.model.block import Tower
+from mmt.text import build_tokenizer
 
 
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, spec: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.input == "raw":
+            vocab = build_tokenizer(cfg.tokenizer).vocab_size
+            if vocab > cfg.vocab_size:
+                raise ValueError(
+                    f"model.text.vocab_size={cfg.vocab_size} is smaller than the vocabulary of tokenizer "
+                    f"{cfg.tokenizer!r} ({vocab} ids)"
+                )
         self.token_embedding = nn.Embedding(cfg.vocab_size, spec.dim) if cfg.input == "raw" else None
         if self.token_embedding is not None:
             nn.init.normal_(self.token_embedding.weight, std=0.02)
