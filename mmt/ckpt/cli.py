@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"universal checkpoint of step {res.step} (saved on {res.source_world_size} ranks) at {res.tag_dir}; "
-                f"resume with train.resume={res.run_dir} on any world size"
+                f"resume from {res.run_dir} on any world size"
             )
             return 0
         if args.cmd == "check-resume":

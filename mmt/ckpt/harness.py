@@ -94,22 +94,16 @@ def compute_loss(
         return nn.functional.mse_loss(module(x).float(), batch["y"])
     inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
     out = module(**inputs)
-    # CLIP-style loss over every pair of modality embeddings (the local batch is the set of negatives)
+    # A per-sample loss (mean over the local batch), so that the mean over ranks is the same number on every
+    # world size; an in-batch contrastive loss would change with the per-rank batch. It pulls each sample's
+    # modality embeddings together through the learned temperature, so every tensor gets a gradient.
     embs = [out.embeddings[m].float() for m in sorted(out.embeddings)]
     scale = out.logit_scale.float()
-    target = torch.arange(embs[0].shape[0])
     loss = torch.zeros(())
     for i in range(len(embs)):
         for j in range(i + 1, len(embs)):
-            logits = scale * embs[i] @ embs[j].t()
-            loss = (
-                loss
-                + (
-                    nn.functional.cross_entropy(logits, target)
-                    + nn.functional.cross_entropy(logits.t(), target)
-                )
-                / 2
-            )
+            cos = (embs[i] * embs[j]).sum(-1)
+            loss = loss + nn.functional.softplus(1.0 - cos * scale / 10.0).mean()
     return loss
 
 

@@ -3,7 +3,8 @@
 DeepSpeed's universal checkpoint stores every parameter's fp32 value and Adam moments unpartitioned
 (``<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``); a run started with ``"checkpoint": {"load_universal":
 true}`` re-partitions them for its own world size. We run DeepSpeed's own converter
-(``deepspeed.checkpoint.ds_to_universal``; ZeRO-1/2 checkpoints need ``--inject_missing_state``) in a subprocess,
+(``deepspeed.checkpoint.ds_to_universal``, through `mmt.ckpt.ds_universal_entry` which fixes scalar parameters;
+ZeRO-1/2 checkpoints need ``--inject_missing_state``) in a subprocess,
 then lay the result out as an mmt run folder: ``OUT/checkpoints/<tag>/`` with ``mmt_meta.json`` (``universal:
 true``, ``source_world_size``), ``latest`` and ``latest_universal``, and the run's ``config.yaml`` when there is
 one. The folder is built under a temporary name and renamed into place when complete.
@@ -72,7 +73,7 @@ def to_universal(
     cmd = [
         sys.executable,
         "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+        "mmt.ckpt.ds_universal_entry",
         "--input_folder",
         str(ck.dir),
         "--output_folder",
