@@ -51,7 +51,7 @@ write_conf() {
     cat > "$conf.tmp" <<EOF
 # Written by slurm/local_cluster.sh: one node, everything local.
 ClusterName=mmt-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -83,7 +83,7 @@ KillWait=5
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=60
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     mv "$conf.tmp" "$conf"

@@ -1,8 +1,8 @@
 """The batch script's requeue logic on a real Slurm cluster, with a stand-in trainer (tests/slurm_standin.py).
 
 The stand-in is a real 2-rank job that keeps only a counter and starts in a blink, so these tests cover the
-signal variants (USR1 / TERM / HUP, --batch / --full, srun / torchrun), bounded retries and job arrays cheaply;
-tests/test_slurm_train.py runs `mmt train` itself (preemption, a rank killed mid-save, MLflow).
+signal variants (USR1 / TERM / HUP, --batch / --full, srun / torchrun) and bounded retries cheaply;
+tests/test_slurm_train.py runs `mmt train` itself (preemption, a rank killed mid-save, sweeps, MLflow).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mmt.slurm.cli import main as slurm_main
-from mmt.slurm.scontrol import show_job, wait_for_jobs
+from mmt.slurm.scontrol import wait_for_jobs
 from tests.fixtures_slurm import REPO, slurm_cluster, wait_for  # noqa: F401
 
 JOB_TIMEOUT_S = 90
@@ -101,20 +101,3 @@ def test_failures_are_retried_a_bounded_number_of_times(tmp_path, monkeypatch):
     assert info.exit_code != "0:0"
     assert "failure 1 of at most 1 retried" in log
     assert "2 failures exceed slurm.max_failures=1, not requeueing" in log
-
-
-def test_sweep_runs_one_array_task_per_value(tmp_path, monkeypatch):
-    config = _config(tmp_path, steps=2, interval=0)
-    job = _submit(tmp_path, config, "--sweep", "train.global_batch=4,8", monkeypatch=monkeypatch)
-    infos = wait_for_jobs(job, JOB_TIMEOUT_S, predicate=lambda i: len(i) == 2 and all(x.final for x in i))
-    base = tmp_path / "runs" / "standin"
-    assert [i.state for i in infos] == ["COMPLETED", "COMPLETED"], _log(base)
-    manifest = json.loads((base / "sweep.json").read_text())
-    assert [m["label"] for m in manifest] == ["global_batch=4", "global_batch=8"]
-    for m, batch in zip(manifest, (4, 8)):
-        run_dir = Path(m["run_dir"])
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert saved["train"]["global_batch"] == batch
-        assert saved["tracking"]["run_name"] == f"standin-global_batch={batch}"
-        _assert_exactly_once(run_dir, 2, batch)
-    assert show_job(job)  # the array's tasks are still known to Slurm

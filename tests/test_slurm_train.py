@@ -31,7 +31,12 @@ def shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('slurm_mlflow') / 'mlflow.db'}"
+    """One SQLite store for the module, migrated here once (not by two array tasks at the same time)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('slurm_mlflow') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
 
 
 def _submit(
@@ -181,3 +186,47 @@ def test_rank_killed_mid_save_restarts_from_last_complete_checkpoint(
     _, run = _only_run(tracking_uri, name)  # the restart continued the same MLflow run
     assert run.info.status == "FINISHED"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["resume"] == "auto"
+
+
+def test_sweep_gives_one_mlflow_run_per_value(tmp_path, monkeypatch, shards, tracking_uri):
+    # One rank per array task, so both tasks run at once on the 2-CPU test node.
+    run_dir = tmp_path / "runs" / "sweep"
+    config = write_config(
+        tmp_path / "sweep.yaml",
+        train_urls=shards,
+        run_dir=run_dir,
+        train={"max_steps": 2, "checkpoint_at_end": True},
+        tracking={"backend": "mlflow", "uri": tracking_uri, "experiment": "slurm-sweep", "run_name": "sweep"},
+    )
+    monkeypatch.chdir(tmp_path)
+    assert (
+        slurm_main(
+            [
+                "submit",
+                str(config),
+                "--ntasks-per-node",
+                "1",
+                "--time",
+                "00:15:00",
+                "--sweep",
+                "train.optimizer.lr=0.001,0.002",
+            ]
+        )
+        == 0
+    )
+    job = (run_dir / "slurm_jobs.txt").read_text().split()[-1]
+    infos = wait_for_jobs(job, JOB_TIMEOUT_S, predicate=lambda i: len(i) == 2 and all(x.final for x in i))
+    assert [i.state for i in infos] == ["COMPLETED", "COMPLETED"], _log(run_dir)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("slurm-sweep").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert sorted(by_name) == ["sweep-lr=0.001", "sweep-lr=0.002"]
+    for lr, task in (("0.001", "0"), ("0.002", "1")):
+        run = by_name[f"sweep-lr={lr}"]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["train.optimizer.lr"]) == float(lr)
+        assert run.data.tags["mmt.slurm_array_task_id"] == task
+        assert run.data.tags["mmt.run_dir"] == str(run_dir / f"lr={lr}")
+        assert _loss_steps(client, run) == [1, 2]
