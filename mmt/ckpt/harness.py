@@ -126,22 +126,6 @@ def ds_config(args: argparse.Namespace, world: int, load_universal: bool) -> dic
     }
 
 
-def patch_zero3_scalar_init() -> None:
-    """ZeRO-3's parameter init broadcasts ``p.data.view(torch.uint8)``, which fails for a 0-dim parameter (the
-    CLIP temperature); broadcast a 1-element view of the same storage instead. Same effect otherwise."""
-    from deepspeed import comm as ds_dist
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    def _zero_init_param(self: Any, param: torch.Tensor) -> None:
-        self._convert_to_deepspeed_param(param)
-        group = self.get_partition_dp_group(param)
-        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
-        ds_dist.broadcast(param.data.reshape(-1).view(torch.uint8), src, group)
-        param.partition()
-
-    Init._zero_init_param = _zero_init_param
-
-
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -250,12 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     if (
         args.model != "toy"
-    ):  # scalar parameters (the CLIP temperature) need the trainer's DeepSpeed work-around
+    ):  # scalar parameters (the CLIP temperature) need the trainer's DeepSpeed work-arounds
         from mmt.training.ds_compat import patch_deepspeed
 
         patch_deepspeed()
-        if args.zero_stage == 3:
-            patch_zero3_scalar_init()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
