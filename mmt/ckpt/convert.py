@@ -140,7 +140,7 @@ def convert_checkpoint(
     config: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    read_budget: int = 256 << 20,
+    read_budget: int = 64 << 20,
 ) -> ConvertResult:
     """Consolidate the ZeRO checkpoint at ``path`` (run dir, ``checkpoints/`` or a tag folder) into ``out``.
 

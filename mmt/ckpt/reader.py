@@ -102,7 +102,7 @@ class ZeroCheckpoint:
         tag: str | None = None,
         *,
         require_meta: bool = True,
-        read_budget: int = 256 << 20,
+        read_budget: int = 64 << 20,
     ) -> None:
         self.root, self.tag = resolve_tag_dir(path, tag)
         self.dir = self.root / self.tag
