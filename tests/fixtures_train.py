@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,11 +180,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(
-    cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **env: str
-) -> subprocess.CompletedProcess:
-    """Run ``cmd`` to completion (own process group: a timeout kills every child); output captured."""
-    proc = subprocess.Popen(
+def start(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so a failure can kill every child), output to a pipe."""
+    return subprocess.Popen(
         cmd,
         cwd=cwd,
         env=env_for_runs(**env),
@@ -191,6 +191,27 @@ def run(
         text=True,
         start_new_session=True,
     )
+
+
+def worker_pids(proc: subprocess.Popen, marker: str = "mmt.train") -> dict[int, int]:
+    """Launcher children running ``marker``, by rank (from their RANK variable)."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if marker in " ".join(child.cmdline()) and "RANK" in child.environ():
+                out[int(child.environ()["RANK"])] = child.pid
+        except psutil.Error:
+            continue
+    return out
+
+
+def run(
+    cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion (own process group: a timeout kills every child); output captured."""
+    proc = start(cmd, cwd, **env)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -204,8 +225,6 @@ def run(
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -229,6 +248,115 @@ def wait_for(
             raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}\n{_tail(out)}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------------- shared runs
+RESUME_STEPS = 8
+ZERO_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory) -> dict[str, Any]:
+    """Every multi-process run of the training tests, launched once (start-up dominates at this size).
+
+    * one process: the reference for the ZeRO parity checks;
+    * one torchrun launch (2 ranks) of several in-process runs: gathered contrastive loss, ZeRO 0-3, ZeRO-3 with a
+      rank that never sees audio, the uninterrupted reference of the resume check, and a run that crashes;
+    * the deepspeed launcher (2 ranks), preempted by SIGUSR1 on rank 1 only, then resumed under torchrun.
+    """
+    tmp = tmp_path_factory.mktemp("train_dist")
+    urls = write_shards(tmp / "data", 32)  # 4 global batches of 8 per epoch
+    # Unshuffled order: global batch b is samples 8b..8b+7 and rank 1 takes 8b+4..8b+7, which have no audio.
+    mixed = write_shards(tmp / "mixed", 32, no_audio=lambda i: i % 8 >= 4)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    zero = {"max_steps": ZERO_STEPS, "seed": 3}
+    cfgs = {
+        "ref": write_config(
+            tmp / "ref.yaml", train_urls=urls, run_dir=tmp / "ref", train={**zero, "zero_stage": 0}
+        )
+    }
+    for st in (0, 1, 2, 3):
+        cfgs[f"zero{st}"] = write_config(
+            tmp / f"zero{st}.yaml",
+            train_urls=urls,
+            run_dir=tmp / f"zero{st}",
+            train={**zero, "zero_stage": st},
+        )
+    cfgs["mixed"] = write_config(
+        tmp / "mixed.yaml",
+        train_urls=mixed,
+        run_dir=tmp / "mixed",
+        data={"shuffle": False},
+        train={**zero, "zero_stage": 3, "record_keys": True, "max_steps": 4},
+    )
+    resume = dict(
+        train_urls=urls,
+        model={"dropout": 0.1},  # dropout makes the per-rank RNG state part of what a resume must restore
+        tracking={"backend": "mlflow", "uri": uri, "flush_interval_s": 0.5},
+        train={
+            "max_steps": RESUME_STEPS,
+            "checkpoint_interval": 2,
+            "keep_last": 2,
+            "record_keys": True,
+            "checkpoint_at_end": True,
+            "resume": "auto",
+        },
+    )
+    cfgs["resume_ref"] = write_config(tmp / "resume_ref.yaml", run_dir=tmp / "resume_ref", **resume)
+    cfgs["pre"] = write_config(tmp / "pre.yaml", run_dir=tmp / "pre", **resume)
+    # Evaluation at step 1 reads held-out shards that do not exist: the run dies mid-training.
+    cfgs["crash"] = write_config(
+        tmp / "crash.yaml",
+        train_urls=urls,
+        val_urls=str(tmp / "missing/shard-000000.tar"),
+        run_dir=tmp / "crash",
+        train={"eval_interval": 1, "max_steps": 3},
+        tracking={"backend": "mlflow", "uri": uri},
+    )
+
+    run(mmt_single(str(cfgs["ref"])), cwd=tmp, timeout=300)
+    order = [str(cfgs[k]) for k in ("zero0", "zero1", "zero2", "zero3", "mixed", "resume_ref")] + [
+        f"!{cfgs['crash']}"
+    ]
+    run(scenario_torchrun(2, "contrastive+train", str(tmp), *order), cwd=tmp, timeout=480)
+
+    proc = start(mmt_deepspeed(2, str(cfgs["pre"])), cwd=tmp)
+    try:
+        wait_for(
+            lambda: (tmp / "pre/checkpoints/step_00000002/mmt_meta.json").exists(),
+            240,
+            "the first checkpoint",
+            proc,
+        )
+        pids = worker_pids(proc)
+        assert sorted(pids) == [0, 1], pids
+        os.kill(
+            pids[1], signal.SIGUSR1
+        )  # one rank only: the flag must reach the other through the all-reduce
+        out, _ = proc.communicate(timeout=240)
+    except BaseException:
+        kill_group(proc)
+        raise
+    from mmt.training.preemption import exited_due_to_preemption, preemption_info
+
+    latest = (tmp / "pre/checkpoints/latest").read_text().strip()
+    preempted = {
+        "exit_code": proc.returncode,
+        "output": out,
+        "info": preemption_info(tmp / "pre"),
+        "flag": exited_due_to_preemption(None, tmp / "pre"),
+        "rows": train_rows(tmp / "pre"),
+        "latest": latest,
+        "meta": json.loads((tmp / "pre/checkpoints" / latest / "mmt_meta.json").read_text()),
+    }
+    run(mmt_torchrun(2, str(cfgs["pre"])), cwd=tmp, timeout=300)
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "preempted": preempted,
+        "results": json.loads((tmp / "train_results.json").read_text()),
+        "configs": cfgs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- scenarios
@@ -303,17 +431,27 @@ def _scenario_contrastive(out: Path) -> None:
 
 
 def _scenario_train(out: Path, configs: list[str]) -> None:
-    """Run `mmt.training.trainer.train` for each config, one after another in this process group."""
+    """Run `mmt.training.trainer.train` for each config, one after another in this process group.
+
+    A path prefixed with ``!`` is expected to fail (on every rank at the same point): its exception is recorded.
+    """
     import torch.distributed as dist
 
     from mmt.config import load_config
     from mmt.training.trainer import train
 
     results = {}
-    for path in configs:
+    for spec in configs:
+        path = spec.lstrip("!")
         cfg = load_config(path)
         t0 = time.perf_counter()
-        res = train(cfg, source=path)
+        try:
+            res = train(cfg, source=path)
+        except Exception as e:  # noqa: BLE001 - only for configs marked as expected failures
+            if not spec.startswith("!"):
+                raise
+            results[path] = {"exception": repr(e)}
+            continue
         results[path] = {"exit_code": res.exit_code, "step": res.step, "seconds": time.perf_counter() - t0}
     if dist.get_rank() == 0:
         (out / "train_results.json").write_text(json.dumps(results))

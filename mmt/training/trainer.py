@@ -435,15 +435,16 @@ class Trainer:
         batch = t.eval_batch or self.plan.micro_batch
         loader = self.eval_loader_factory(self.cfg, self.rank, self.world, batch)
         try:
-            metrics = evaluate(
-                self.engine,
-                self.task,
-                loader,
-                self.device,
-                self.dtype,
-                t.eval_max_batches,
-                t.caption_max_tokens,
-            )
+            with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training random streams
+                metrics = evaluate(
+                    self.engine,
+                    self.task,
+                    loader,
+                    self.device,
+                    self.dtype,
+                    t.eval_max_batches,
+                    t.caption_max_tokens,
+                )
         finally:
             close = getattr(loader, "close", None)
             if callable(close):
@@ -508,7 +509,8 @@ class Trainer:
             while self.step < self.total_steps:
                 if preempt.should_stop(self.device):
                     last_ckpt = self._save()
-                    signame = preempt.received.name if preempt.received else "peer rank"
+                    got = D.gather_objects(preempt.received.name if preempt.received else None)
+                    signame = ",".join(sorted({g for g in got if g})) or "unknown"
                     if self.rank == 0:
                         write_marker(self.run_dir, self.step, str(last_ckpt), signame)
                         print(
@@ -528,7 +530,10 @@ class Trainer:
                         last_eval,
                         preempted=True,
                     )
-                batch = next(batches)
+                with torch.random.fork_rng(devices=[]):
+                    # Creating a DataLoader iterator draws from the global torch RNG; keep those draws out of the
+                    # model's stream, or a resumed run (new iterator mid-epoch) would drift from an uninterrupted one.
+                    batch = next(batches)
                 if t.record_keys:
                     self._record_keys(batch)
                 log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == self.total_steps
