@@ -332,6 +332,7 @@ class Trainer:
         # ZeRO-0 fp32 does not keep the norm it clips with; measure it (grads are all-reduced by then).
         self._own_grad_norm = t.zero_stage == 0 and t.precision == "fp32"
         self._grad_norm: float | None = None
+        self._step_lr = float("nan")
         self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
 
         if self.resume_dir is not None:
@@ -540,8 +541,10 @@ class Trainer:
                 for micro in split_micro(batch, self.plan.grad_accum):
                     res = self.task.step(self.engine, micro, self.device, self.dtype)
                     self.engine.backward(res.loss)
-                    if log_now and self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                        self._grad_norm = _grad_norm(self.engine.module)
+                    if log_now and self.engine.is_gradient_accumulation_boundary():
+                        self._step_lr = float(self.engine.get_lr()[0])  # the lr this step applies
+                        if self._own_grad_norm:
+                            self._grad_norm = _grad_norm(self.engine.module)
                     self.engine.step()
                     meter.add(res.metrics)
                     meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
@@ -588,7 +591,7 @@ class Trainer:
         means, tokens, elapsed = meter.reduce(self.device)
         metrics = {f"train/{k}": v for k, v in means.items()}
         sps = meter.samples / max(elapsed, 1e-9)
-        metrics["train/lr"] = float(self.engine.get_lr()[0])
+        metrics["train/lr"] = self._step_lr
         gn = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         if gn is not None:
             metrics["train/grad_norm"] = float(gn)
