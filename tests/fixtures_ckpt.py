@@ -57,10 +57,15 @@ def read_losses(run_dir: Path) -> dict[int, dict]:
     return {rec["step"]: rec for rec in map(json.loads, lines)}
 
 
+# One cache per test process: a fixture imported into several test modules is a separate fixture in each
+# module, so a session-scoped fixture alone would launch the same runs once per module.
+_MADE: dict[int, Path] = {}
+
+
 @pytest.fixture(scope="session", name="zero_run")
 def zero_run_fixture(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
     """``zero_run(stage)``: the run dir of a 2-rank fp32 run of the tiny model at that ZeRO stage (made once)."""
-    made: dict[int, Path] = {}
+    made = _MADE
 
     def get(stage: int) -> Path:
         if stage not in made:

@@ -13,7 +13,7 @@ import mmt
 from mmt.ckpt.cli import main as ckpt_main
 from mmt.ckpt.convert import INDEX_FILE, SINGLE_FILE, convert_checkpoint
 from mmt.ckpt.layout import CheckpointError
-from mmt.ckpt.pretrained import create_pretrained, load_pretrained
+from mmt.ckpt.pretrained import create_pretrained, init_weights, load_pretrained
 from tests.fixtures_ckpt import SAVE_STEP, TINY, live_params, zero_run_fixture  # noqa: F401
 
 pytestmark = pytest.mark.dist
@@ -96,6 +96,11 @@ def test_output_config_and_pretrained_loader(zero_run, tmp_path):
             text_inputs=torch.randint(3, 200, (2, 8)), text_attention_mask=torch.ones(2, 8, dtype=torch.bool)
         )
     assert res.embeddings["text"].shape[0] == 2
+    # the trainer's train.init_weights path: a fresh model of the same config starts from these weights
+    fresh = mmt.create_model(TINY)
+    assert init_weights(fresh, "") is None
+    init_weights(fresh, str(out))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in live.items())
     export = json.loads((out / "mmt_export.json").read_text())
     assert export["step"] == SAVE_STEP and export["zero_stage"] == 2 and export["world_size"] == 2
 

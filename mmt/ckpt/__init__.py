@@ -19,6 +19,7 @@ _EXPORTS = {
     "rank_loader_state": "mmt.ckpt.resume",
     "load_pretrained": "mmt.ckpt.pretrained",
     "create_pretrained": "mmt.ckpt.pretrained",
+    "init_weights": "mmt.ckpt.pretrained",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -162,3 +162,16 @@ def create_pretrained(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
     model = mmt.create_model(cfg, list(overrides))
     load_pretrained(model, p, only=_exported_only(p))
     return model
+
+
+def init_weights(model: nn.Module, path: str, only: str = "") -> LoadReport | None:
+    """Start a fresh run from converted weights: what ``train.init_weights`` / ``train.init_weights_only`` do.
+
+    ``path`` '' does nothing; ``only`` is a comma-separated list of towers or name prefixes ('' = every tensor,
+    strict). Call it on the freshly built model before ``deepspeed.initialize`` (and not when resuming: the
+    checkpoint's weights win).
+    """
+    if not path:
+        return None
+    picked = [x.strip() for x in only.split(",") if x.strip()]
+    return load_pretrained(model, path, only=picked or None)
