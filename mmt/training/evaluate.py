@@ -94,7 +94,7 @@ def _eval_retrieval(engine, task, loader, device, dtype, max_batches) -> dict[st
             continue
         groups = (
             _text_groups(kwargs[FEATURE_KEY["text"]].cpu(), kwargs[MASK_KEY["text"]].cpu())
-            if "text" in kwargs and MASK_KEY["text"] in kwargs
+            if FEATURE_KEY["text"] in kwargs and MASK_KEY["text"] in kwargs
             else None
         )
         for i, key in enumerate(batch["keys"]):
