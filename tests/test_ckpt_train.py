@@ -13,7 +13,7 @@ from mmt.ckpt.pretrained import create_pretrained, load_pretrained
 from mmt.ckpt.resume import check_resumable
 from mmt.ckpt.universal import to_universal
 from mmt.config import load_config, to_dict
-from tests.fixtures_train import mmt_torchrun, run, write_config, write_shards
+from tests.fixtures_train import mmt_single, mmt_torchrun, run, write_config, write_shards
 
 pytestmark = pytest.mark.dist
 
@@ -30,11 +30,11 @@ def trained(tmp_path_factory):
         train={"zero_stage": 3, "max_steps": 2, "checkpoint_at_end": True},
     )
     run(mmt_torchrun(2, str(cfg)), cwd=tmp, timeout=400)
-    return run_dir, cfg
+    return run_dir, cfg, urls
 
 
 def test_inspect_and_convert_a_trained_run(trained, tmp_path):
-    run_dir, cfg_path = trained
+    run_dir, cfg_path, _ = trained
     info = inspect_checkpoint(run_dir)
     assert info["complete"] and info["step"] == 2 and info["zero_stage"] == 3 and info["world_size"] == 2
     cfg = load_config(cfg_path)
@@ -56,7 +56,7 @@ def test_inspect_and_convert_a_trained_run(trained, tmp_path):
 
 
 def test_resume_plan_for_a_trained_run(trained, tmp_path):
-    run_dir, cfg_path = trained
+    run_dir, cfg_path, _ = trained
     cfg = to_dict(load_config(cfg_path))
     plan = check_resumable(run_dir, world_size=2, zero_stage=3, config=cfg)
     assert not plan.load_universal and plan.step == 2
@@ -66,3 +66,31 @@ def test_resume_plan_for_a_trained_run(trained, tmp_path):
     plan = check_resumable(res.run_dir, world_size=1, zero_stage=3, config=cfg)
     assert plan.load_universal and plan.step == 2 and plan.saved_world_size == 2
     assert (res.run_dir / "config.yaml").is_file()  # the run's resolved config travels with it
+
+
+def test_train_init_weights_starts_from_converted_weights(trained, tmp_path):
+    run_dir, _, urls = trained
+    out = convert_checkpoint(run_dir, tmp_path / "export", progress=False).out_dir
+    # one step with a negligible learning rate: the saved weights are the initial ones to fp32 rounding
+    fine_dir = tmp_path / "finetune"
+    cfg = write_config(
+        tmp_path / "ft.yaml",
+        train_urls=urls,
+        run_dir=fine_dir,
+        train={
+            "zero_stage": 0,
+            "max_steps": 1,
+            "checkpoint_at_end": True,
+            "init_weights": str(out),
+            "optimizer": {"lr": 1e-30},
+            "schedule": {"warmup_steps": 0, "kind": "constant"},
+        },
+    )
+    run(mmt_single(str(cfg)), cwd=tmp_path, timeout=300)
+    after = convert_checkpoint(fine_dir, tmp_path / "after", progress=False).out_dir
+    from safetensors.torch import load_file
+
+    start, end = load_file(out / "model.safetensors"), load_file(after / "model.safetensors")
+    assert set(start) == set(end)
+    for k in start:
+        torch.testing.assert_close(end[k], start[k], rtol=0, atol=1e-12)

@@ -122,6 +122,15 @@ class TrainConfig:
         doc="'' (fresh start), 'auto' (newest complete checkpoint in run_dir, if any) or "
         "a checkpoint path (run dir, checkpoints/ or a step_XXXXXXXX folder)",
     )
+    init_weights: str = cfg_field(
+        "",
+        doc="start a fresh run from consolidated weights (an `mmt ckpt convert` folder or a .safetensors file); "
+        "strict names and shapes; ignored when resuming",
+    )
+    init_weights_only: str = cfg_field(
+        "",
+        doc="comma-separated towers (text,image,audio) or name prefixes to take from init_weights ('': all)",
+    )
 
     # Preemption: signals set a flag; at the next step boundary every rank saves and the run exits.
     preempt_signals: str = cfg_field(

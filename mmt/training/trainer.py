@@ -298,6 +298,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         model = mmt.create_model(cfg.model)
+        if self.resume_dir is None and t.init_weights:
+            from mmt.ckpt.pretrained import init_weights
+
+            init_weights(model, t.init_weights, t.init_weights_only)
         self.task: Task = build_task(cfg.model, t)
         if t.activation_checkpointing:
             from mmt.training.activation_checkpointing import apply_activation_checkpointing
