@@ -340,3 +340,18 @@ def test_mlflow_metric_names_are_sanitised():
 
     assert metric_name("val/recall@1") == "val/recall_at_1"
     assert metric_name("train/loss") == "train/loss"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p) for p in (TINY_TRI.parents[1] / "task").glob("*.yaml"))
+    + [str(TINY_TRI.parents[1] / "train/demo.yaml")],
+)
+def test_shipped_run_configs_load_and_build(path):
+    import mmt
+    from mmt.training.tasks import build_task
+
+    cfg = load_config(path)
+    build_task(cfg.model, cfg.train)
+    assert mmt.create_model(cfg.model).num_parameters() > 0
+    resolve_batch(cfg.train, 2)
