@@ -20,7 +20,7 @@ from tests.fixtures_slurm import kill_rank, slurm_cluster, wait_for  # noqa: F40
 from tests.fixtures_train import write_config, write_shards
 
 JOB_TIMEOUT_S = 240
-STEPS = 12  # x global batch 8 = 96 samples = one epoch of the shards: every sample exactly once
+STEPS = 16  # x global batch 8 = 128 samples = one epoch of the shards: every sample exactly once
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 
@@ -121,7 +121,8 @@ def test_job_trains_and_logs_to_mlflow(tmp_path, monkeypatch, shards, tracking_u
 def test_preempted_job_requeues_and_resumes_exactly(tmp_path, monkeypatch, shards, tracking_uri):
     job, run_dir = _submit(tmp_path, monkeypatch, shards, tracking_uri, "preempt")
     keys0 = run_dir / "keys" / "rank_00000.jsonl"
-    wait_for(lambda: keys0.is_file() and len(keys0.read_text().splitlines()) >= 2, 180, "two training steps")
+    # Signal as soon as training runs: the steps left must outlast the signal's way through Slurm on a busy machine.
+    wait_for(lambda: keys0.is_file() and keys0.read_text().strip(), 180, "the first training step")
     # What Slurm does `signal_seconds` before the time limit (#SBATCH --signal=B:USR1@...), done now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
@@ -131,7 +132,7 @@ def test_preempted_job_requeues_and_resumes_exactly(tmp_path, monkeypatch, shard
     # (srun may report 143 instead of 75: --kill-on-bad-exit terminates the rank still exiting after the other.)
     assert "mmt: preempted (SIGUSR1) at step" in log and "mmt-slurm: preempted (exit code" in log, log
     preempted_at = int(log.split("mmt: preempted (SIGUSR1) at step ")[1].split(";")[0])
-    assert 2 <= preempted_at < STEPS, log
+    assert 1 <= preempted_at < STEPS, log
     assert f"at step {preempted_at} ({preempted_at * 8} samples)" in log  # the resume line
     # Continuous steps, and every sample of the epoch exactly once over both attempts and both ranks.
     seen = []
