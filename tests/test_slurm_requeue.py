@@ -102,3 +102,17 @@ def test_failures_are_retried_a_bounded_number_of_times(tmp_path, monkeypatch):
     assert info.exit_code != "0:0"
     assert "failure 1 of at most 1 retried" in log
     assert "2 failures exceed slurm.max_failures=1, not requeueing" in log
+
+
+def test_scancel_cancels_without_requeue(tmp_path, monkeypatch):
+    # The ranks save and exit with the preemption code on SIGTERM, yet a cancelled job must stay cancelled.
+    config = _config(tmp_path, steps=40)
+    job = _submit(tmp_path, config, monkeypatch=monkeypatch)
+    run_dir = tmp_path / "runs" / "standin"
+    rank0 = run_dir / "keys" / "rank_00000.jsonl"
+    wait_for(lambda: rank0.is_file() and rank0.read_text().strip(), 60, "the first training step")
+    subprocess.run(["scancel", job], check=True)
+    (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
+    log = _log(run_dir)
+    assert info.state == "CANCELLED" and info.restarts == 0, log
+    assert "(cancelled or ended by Slurm): not requeueing" in log
