@@ -202,6 +202,8 @@ def test_sweep_is_a_job_array(config, tmp_path, capsys, monkeypatch):
         (["--sweep", "train.seed="], "expected key=value1,value2"),
         (["train.resume=/some/checkpoint"], "a Slurm job resumes with train.resume=auto"),
         (["slurm.sbatch_args=[exclusive]"], "slurm.sbatch_args"),
+        (["train.preempt_signals=SIGFOO"], "train.preempt_signals"),
+        (["--sweep", "data.train_urls=a/b,a b"], "clashing run directories"),
     ],
 )
 def test_bad_input_is_a_clear_error(config, capsys, monkeypatch, args, message):

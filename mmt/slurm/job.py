@@ -88,7 +88,10 @@ def _forced_overrides(cfg: Config, source: str) -> list[str]:
         )
     out.append("train.resume=auto")
     wanted = f"SIG{cfg.slurm.signal}"
-    have = [s.name for s in parse_signals(cfg.train.preempt_signals)]
+    try:
+        have = [s.name for s in parse_signals(cfg.train.preempt_signals)]
+    except ValueError as e:
+        raise ConfigError(source, "train.preempt_signals", str(e)) from None
     if wanted not in have:
         out.append(f"train.preempt_signals={','.join([*have, wanted])}")
     return out
@@ -117,6 +120,9 @@ def expand_members(
             f"train.run_dir={run_dir}",
         ]
         members.append(Member(label, ovr, load_config(config_path, ovr), run_dir))
+    labels = [m.label for m in members]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("--sweep", ",".join(keys), f"values give clashing run directories: {labels}")
     return base, members
 
 
