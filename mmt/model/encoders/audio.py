@@ -71,7 +71,8 @@ class AudioEncoder(nn.Module):
         p = cfg.patch_frames
         pad = (-f) % p
         frames = F.pad(frames, (0, 0, 0, pad))
-        x = self.proj(frames.reshape(b, (f + pad) // p, p * m))
+        # log-mel is computed in fp32; follow the weights' dtype (bf16 / fp16 training keeps weights in half)
+        x = self.proj(frames.reshape(b, (f + pad) // p, p * m).to(self.proj.weight.dtype))
         if mask is None:
             tok_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:
