@@ -66,6 +66,13 @@ class Task:
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
         raise NotImplementedError
 
+    def flops_parts(self) -> list[str]:
+        """Keys of ``model.flops_per_sample()`` this task's step computes (for MFU)."""
+        return self.encoder_modalities()
+
+    def flops_per_sample(self, model_flops: dict[str, float]) -> float:
+        return float(sum(model_flops.get(k, 0.0) for k in self.flops_parts()))
+
 
 class RetrievalTask(Task):
     """Symmetric CLIP loss over text-image and text-audio pairs (image-audio when there is no text)."""
@@ -101,6 +108,9 @@ class VQATask(Task):
 
     name = "vqa"
 
+    def flops_parts(self) -> list[str]:
+        return [*self.encoder_modalities(), "fusion"]
+
     def check_model(self) -> None:
         if self.model_cfg.heads.vqa_answers <= 0:
             raise ValueError("train.task=vqa needs model.heads.vqa_answers > 0 (the answer vocabulary size)")
@@ -130,6 +140,9 @@ class CaptioningTask(Task):
 
     def encoder_modalities(self) -> list[str]:
         return [m for m in self.model_cfg.modalities() if m != "text"]
+
+    def flops_parts(self) -> list[str]:
+        return [*self.encoder_modalities(), "fusion", "decoder"]
 
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
         if FEATURE_KEY["text"] not in batch:

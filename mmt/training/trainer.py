@@ -307,7 +307,8 @@ class Trainer:
             from mmt.training.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
-        self.flops_per_sample = float(model.flops_per_sample()["total"])
+        # Before DeepSpeed: ZeRO-3 partitions parameters, after which numel() no longer counts them.
+        self.flops_per_sample = self.task.flops_per_sample(model.flops_per_sample())
         self.tokens_per_sample = model.tokens_per_sample()
         self.num_parameters = model.num_parameters()
         seed_everything(t.seed, self.rank)
