@@ -355,3 +355,45 @@ def test_shipped_run_configs_load_and_build(path):
     build_task(cfg.model, cfg.train)
     assert mmt.create_model(cfg.model).num_parameters() > 0
     resolve_batch(cfg.train, 2)
+
+
+def test_activation_checkpointing_recomputes_blocks_with_identical_gradients():
+    import mmt
+    from mmt.config.loader import load_config as load
+    from mmt.config.model import MultiModalConfig
+    from mmt.model.block import TransformerBlock
+    from mmt.training.activation_checkpointing import apply_activation_checkpointing
+    from mmt.training.inputs import model_inputs
+
+    mcfg = load(TINY_TRI, schema=MultiModalConfig)
+    torch.manual_seed(0)
+    kwargs, _ = model_inputs(
+        {
+            "keys": ["a", "b"],
+            "image_features": torch.randn(2, 3, 32, 32),
+            "text_inputs": torch.randint(3, 259, (2, 10)),
+            "text_attention_mask": torch.ones(2, 10, dtype=torch.bool),
+        },
+        mcfg,
+        ["text", "image", "audio"],
+        torch.device("cpu"),
+    )
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        model = mmt.create_model(mcfg)
+        calls = []
+        if checkpointed:
+            n = apply_activation_checkpointing(model)
+            assert n == sum(isinstance(m, TransformerBlock) for m in model.modules()) > 0
+            for m in model.modules():
+                if isinstance(m, TransformerBlock):
+                    m.attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        out = model(**kwargs)
+        sum(e.sum() for e in out.embeddings.values()).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        if checkpointed:  # every block's attention ran twice: forward, then recomputed in backward
+            assert len(calls) == 2 * n
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)
