@@ -19,7 +19,7 @@ class TrackingConfig:
     )
     artifact_location: str = cfg_field(
         "",
-        doc="artifact root of a newly created experiment ('': <db dir>/mlartifacts "
+        doc="artifact root of a newly created experiment ('': <db dir>/mlruns "
         "for a sqlite store, the server's default otherwise)",
     )
     flush_interval_s: float = cfg_field(

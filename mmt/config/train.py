@@ -169,6 +169,11 @@ class TrainConfig:
             )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(source, f"{prefix}offload_optimizer", "needs train.zero_stage >= 1 (got 0)")
+        import signal
+
+        for name in (x.strip().upper() for x in self.preempt_signals.split(",") if x.strip()):
+            if not hasattr(signal, name if name.startswith("SIG") else "SIG" + name):
+                raise ConfigError(source, f"{prefix}preempt_signals", f"unknown signal {name!r}")
         if self.max_steps == 0 and self.epochs == 0:
             raise ConfigError(
                 source, f"{prefix}max_steps", "set train.max_steps or train.epochs (both are 0)"

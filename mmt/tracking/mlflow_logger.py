@@ -52,9 +52,10 @@ def default_tracking_uri(configured: str = "") -> str:
 
 
 def default_artifact_location(uri: str) -> str | None:
-    """For a SQLite store, artifacts live beside the database (``<db dir>/mlartifacts``); servers decide."""
+    """For a SQLite store, artifacts live beside the database (``<db dir>/mlruns``, MLflow's usual local folder);
+    a tracking server decides for itself."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     return None
 
 

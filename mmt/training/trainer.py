@@ -490,7 +490,7 @@ class Trainer:
     def _loop(self) -> TrainResult:
         t = self.cfg.train
         has_val = bool(self.cfg.data.val_urls)
-        preempt = PreemptionFlag(parse_signals(t.preempt_signals))
+        preempt = self._preempt
         bar = None
         if self.rank == 0 and t.progress_bar:
             from tqdm import tqdm
@@ -585,7 +585,6 @@ class Trainer:
             if t.checkpoint_at_end or t.checkpoint_interval:
                 last_ckpt = self._save()
         finally:
-            preempt.restore()
             if bar is not None:
                 bar.close()
         return TrainResult(
@@ -614,6 +613,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         status = FAILED
+        # Installed first: a SIGTERM during the (slow) setup is honoured at the first step boundary.
+        self._preempt = PreemptionFlag(parse_signals(self.cfg.train.preempt_signals))
         try:
             self._setup()
             result = self._loop()
@@ -625,6 +626,7 @@ class Trainer:
             status = KILLED
             raise
         finally:
+            self._preempt.restore()
             with suppress(Exception):
                 self.logger.close(status)
             close = getattr(getattr(self, "train_loader", None), "close", None)
