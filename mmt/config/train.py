@@ -25,6 +25,9 @@ class OptimizerConfig:
     beta1: float = cfg_field(0.9, doc="Adam beta1", ge=0, le=1)
     beta2: float = cfg_field(0.98, doc="Adam beta2", ge=0, le=1)
     eps: float = cfg_field(1e-6, doc="Adam epsilon", gt=0)
+    torch_adam: bool = cfg_field(
+        False, doc="torch's AdamW on GPU too (no JIT-compiled DeepSpeed FusedAdam); always used on CPU"
+    )
 
 
 @dataclass

@@ -29,7 +29,7 @@ def build_ds_config(train: TrainConfig, plan: BatchPlan, device: torch.device) -
         "weight_decay": opt.weight_decay,
     }
     cpu = device.type == "cpu"
-    if cpu:
+    if cpu or (opt.torch_adam and not train.offload_optimizer):
         # DeepSpeed's fused / cpu_adam ops are JIT-compiled (1-2 min per fresh machine) and bring nothing on CPU.
         adamw_params["torch_adam"] = True
     zero: dict[str, Any] = {"stage": train.zero_stage}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -48,6 +47,7 @@ from mmt.training.preemption import (
 )
 from mmt.training.rng import capture_rng, restore_rng, seed_everything
 from mmt.training.tasks import Task, build_task
+from mmt.training.telemetry import StepMeter, build_logger, grad_norm, memory_metrics, system_tags
 
 LoaderFactory = Callable[[Config, int, int, BatchPlan], Any]
 EvalLoaderFactory = Callable[[Config, int, int, int], Iterable[dict[str, Any]]]
@@ -94,129 +94,6 @@ def default_eval_loader(cfg: Config, rank: int, world_size: int, batch: int) -> 
     from mmt.data.loader import build_eval_loader
 
     return build_eval_loader(cfg, rank, world_size, batch)
-
-
-class _Meter:
-    """Sums of step metrics between two log lines; reduced over ranks only when a line is logged."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.tokens = 0
-        self.samples = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def reduce(self, device: torch.device) -> tuple[dict[str, float], int, float]:
-        keys = sorted(set().union(*D.gather_objects(sorted(self.sums))))
-        vec = torch.tensor(
-            [self.sums.get(k, 0.0) for k in keys]
-            + [float(self.counts.get(k, 0)) for k in keys]
-            + [float(self.tokens)],
-            dtype=torch.float64,
-        )
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            vec = vec.to(device if device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(vec)
-            vec = vec.cpu()
-        n = len(keys)
-        means = {k: vec[i].item() / max(1.0, vec[n + i].item()) for i, k in enumerate(keys)}
-        elapsed = time.perf_counter() - self.t0
-        return means, int(vec[-1].item()), elapsed
-
-
-def _system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
-    import platform
-    import subprocess
-
-    import deepspeed
-
-    tags = {
-        "mmt.world_size": str(env.world_size),
-        "mmt.launcher": env.launcher,
-        "mmt.torch_version": torch.__version__,
-        "mmt.deepspeed_version": deepspeed.__version__,
-        "mmt.python_version": platform.python_version(),
-        "mmt.device": str(device.type) if device.type == "cpu" else torch.cuda.get_device_name(device),
-    }
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        if commit:
-            tags["mmt.git_commit"] = commit
-            tags["mmt.git_dirty"] = str(bool(dirty)).lower()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for var, tag in (
-        ("SLURM_JOB_ID", "mmt.slurm_job_id"),
-        ("SLURM_RESTART_COUNT", "mmt.slurm_restart_count"),
-        ("SLURM_JOB_NAME", "mmt.slurm_job_name"),
-        ("SLURM_ARRAY_TASK_ID", "mmt.slurm_array_task_id"),
-        ("TORCHELASTIC_RESTART_COUNT", "mmt.torchelastic_restart_count"),
-    ):
-        if os.environ.get(var):
-            tags[tag] = os.environ[var]
-    return tags
-
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _memory_metrics(device: torch.device) -> dict[str, float]:
-    out: dict[str, float] = {}
-    try:
-        import psutil
-
-        out["sys/rss_gb"] = psutil.Process().memory_info().rss / 2**30
-    except Exception:  # noqa: BLE001 - memory stats are best effort
-        pass
-    if device.type == "cuda":
-        out["sys/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        out["sys/gpu_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
-    return out
-
-
-def _build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, run_dir: Path) -> Logger:
-    if rank != 0:
-        return NullLogger()
-    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger
-
-    loggers: list[Logger] = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
-    if cfg.tracking.backend == "mlflow":
-        from mmt.tracking.mlflow_logger import MLflowLogger
-
-        tags = dict(t.split("=", 1) for t in cfg.tracking.tags.split(",") if "=" in t)
-        loggers.insert(
-            0,
-            MLflowLogger(
-                cfg.tracking.experiment,
-                cfg.tracking.run_name,
-                uri=cfg.tracking.uri,
-                run_id=run_id,
-                tags=tags,
-                artifact_location=cfg.tracking.artifact_location,
-                flush_interval_s=cfg.tracking.flush_interval_s,
-            ),
-        )
-    return MultiLogger(*loggers)
 
 
 class Trainer:
@@ -319,7 +196,7 @@ class Trainer:
 
         # Tracker: rank 0 opens (or reopens) the MLflow run, the others only learn its id.
         run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
-        self.logger = _build_logger(cfg, self.rank, run_id, self.total_steps, self.run_dir)
+        self.logger = build_logger(cfg, self.rank, run_id, self.total_steps, self.run_dir)
         self.run_id = D.broadcast_object(self.logger.run_id)
 
         import deepspeed
@@ -388,7 +265,7 @@ class Trainer:
             self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n"
         )
         self.logger.log_params(flatten(self.cfg))
-        tags = _system_tags(self.env, self.device)
+        tags = system_tags(self.env, self.device)
         tags.update(
             {
                 "mmt.run_dir": str(self.run_dir),
@@ -505,7 +382,7 @@ class Trainer:
                 mininterval=1.0,
             )
         peak = peak_flops_per_device(self.device, t.precision, t.peak_tflops)
-        meter = _Meter()
+        meter = StepMeter()
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         last_ckpt: Path | None = self.resume_dir
@@ -549,7 +426,7 @@ class Trainer:
                     if log_now and self.engine.is_gradient_accumulation_boundary():
                         self._step_lr = float(self.engine.get_lr()[0])  # the lr this step applies
                         if self._own_grad_norm:
-                            self._grad_norm = _grad_norm(self.engine.module)
+                            self._grad_norm = grad_norm(self.engine.module)
                     self.engine.step()
                     meter.add(res.metrics)
                     meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
@@ -565,7 +442,7 @@ class Trainer:
                         bar.set_postfix(
                             loss=f"{last_train.get('train/loss', float('nan')):.4f}", refresh=False
                         )
-                    meter = _Meter()
+                    meter = StepMeter()
                 if (
                     has_val
                     and t.eval_interval
@@ -591,7 +468,7 @@ class Trainer:
             0, self.step, self.samples_seen, self.run_dir, last_ckpt, self.run_id, last_train, last_eval
         )
 
-    def _log_train(self, meter: _Meter, peak: float | None) -> dict[str, float]:
+    def _log_train(self, meter: StepMeter, peak: float | None) -> dict[str, float]:
         means, tokens, elapsed = meter.reduce(self.device)
         metrics = {f"train/{k}": v for k, v in means.items()}
         sps = meter.samples / max(elapsed, 1e-9)
@@ -606,7 +483,7 @@ class Trainer:
         if u is not None:
             metrics["train/mfu"] = u
         if self.cfg.tracking.log_system_metrics:
-            metrics.update(_memory_metrics(self.device))
+            metrics.update(memory_metrics(self.device))
         self.logger.log(metrics, self.step)
         return metrics
 

@@ -1,0 +1,140 @@
+"""What a run reports about itself: step metrics reduced over ranks, system tags, memory, the logger stack."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mmt.config import Config
+from mmt.tracking.logger import Logger, NullLogger
+from mmt.training import distributed as D
+
+
+class StepMeter:
+    """Sums of step metrics between two log lines; reduced over ranks only when a line is logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], int, float]:
+        keys = sorted(set().union(*D.gather_objects(sorted(self.sums))))
+        vec = torch.tensor(
+            [self.sums.get(k, 0.0) for k in keys]
+            + [float(self.counts.get(k, 0)) for k in keys]
+            + [float(self.tokens)],
+            dtype=torch.float64,
+        )
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            vec = vec.to(device if device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(vec)
+            vec = vec.cpu()
+        n = len(keys)
+        means = {k: vec[i].item() / max(1.0, vec[n + i].item()) for i, k in enumerate(keys)}
+        elapsed = time.perf_counter() - self.t0
+        return means, int(vec[-1].item()), elapsed
+
+
+def system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
+    """Where and with what a run ran: versions, git commit, launcher, Slurm job and restart count."""
+    import platform
+    import subprocess
+
+    import deepspeed
+
+    tags = {
+        "mmt.world_size": str(env.world_size),
+        "mmt.launcher": env.launcher,
+        "mmt.torch_version": torch.__version__,
+        "mmt.deepspeed_version": deepspeed.__version__,
+        "mmt.python_version": platform.python_version(),
+        "mmt.device": str(device.type) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        if commit:
+            tags["mmt.git_commit"] = commit
+            tags["mmt.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for var, tag in (
+        ("SLURM_JOB_ID", "mmt.slurm_job_id"),
+        ("SLURM_RESTART_COUNT", "mmt.slurm_restart_count"),
+        ("SLURM_JOB_NAME", "mmt.slurm_job_name"),
+        ("SLURM_ARRAY_TASK_ID", "mmt.slurm_array_task_id"),
+        ("TORCHELASTIC_RESTART_COUNT", "mmt.torchelastic_restart_count"),
+    ):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (already reduced) gradients of an unpartitioned module."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Process RSS, and GPU peak / reserved memory on CUDA, in GiB."""
+    out: dict[str, float] = {}
+    try:
+        import psutil
+
+        out["sys/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+    except Exception:  # noqa: BLE001 - memory stats are best effort
+        pass
+    if device.type == "cuda":
+        out["sys/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["sys/gpu_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+    return out
+
+
+def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, run_dir: Path) -> Logger:
+    """Rank 0: MLflow (unless tracking.backend=none) + console line + <run_dir>/metrics.jsonl; other ranks: none."""
+    if rank != 0:
+        return NullLogger()
+    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger
+
+    loggers: list[Logger] = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.tracking.backend == "mlflow":
+        from mmt.tracking.mlflow_logger import MLflowLogger
+
+        tags = dict(t.split("=", 1) for t in cfg.tracking.tags.split(",") if "=" in t)
+        loggers.insert(
+            0,
+            MLflowLogger(
+                cfg.tracking.experiment,
+                cfg.tracking.run_name,
+                uri=cfg.tracking.uri,
+                run_id=run_id,
+                tags=tags,
+                artifact_location=cfg.tracking.artifact_location,
+                flush_interval_s=cfg.tracking.flush_interval_s,
+            ),
+        )
+    return MultiLogger(*loggers)
