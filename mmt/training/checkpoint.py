@@ -20,16 +20,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmt.ckpt.layout import CheckpointError  # one error type for checkpoint problems, shared with mmt ckpt
 from mmt.training.distributed import barrier
 
 CHECKPOINTS_DIR = "checkpoints"
 META_FILE = "mmt_meta.json"
 LATEST_FILE = "latest"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or cannot be used as asked; the message names the path."""
 
 
 def tag_for_step(step: int) -> str:
@@ -98,7 +95,7 @@ def find_checkpoint(spec: str, run_dir: str | os.PathLike) -> Path | None:
         return Path(run_dir) / CHECKPOINTS_DIR / tags[-1][1] if tags else None
     p = Path(spec)
     if not p.exists():
-        raise CheckpointError(f"train.resume={spec}: no such file or directory")
+        raise CheckpointError(f"{spec}: no such checkpoint file or directory")
     if (p / META_FILE).exists():
         if read_meta(p) is None:
             raise CheckpointError(f"{p / META_FILE}: checkpoint is not complete (its save did not finish)")
@@ -107,8 +104,7 @@ def find_checkpoint(spec: str, run_dir: str | os.PathLike) -> Path | None:
     tags = complete_tags(root)
     if not tags:
         raise CheckpointError(
-            f"train.resume={spec}: no complete checkpoint (step_*/{META_FILE} with complete: "
-            f"true) under {root}"
+            f"{spec}: no complete checkpoint (step_*/{META_FILE} with complete: true) under {root}"
         )
     return root / tags[-1][1]
 
@@ -160,27 +156,3 @@ class CheckpointManager:
                 doomed.append(d.name)
         for t in doomed:
             shutil.rmtree(self.root / t, ignore_errors=True)
-
-
-def load_checkpoint(
-    engine: Any, tag_dir: Path, world_size: int, load_optimizer: bool = True
-) -> dict[str, Any]:
-    """Load engine + optimizer + scheduler state; returns mmt's client state. Same world size required."""
-    meta = read_meta(tag_dir)
-    if meta is None:
-        raise CheckpointError(f"{tag_dir / META_FILE}: missing or not complete")
-    if meta.get("world_size") != world_size and load_optimizer:
-        raise CheckpointError(
-            f"{tag_dir}: saved with world size {meta.get('world_size')}, this run has {world_size}. Exact resume "
-            "needs the same world size (ZeRO optimizer partitions are per rank); convert it to a universal "
-            "checkpoint (mmt ckpt) to change the world size."
-        )
-    path, client = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
-        load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer,
-    )
-    if path is None:
-        raise CheckpointError(f"{tag_dir}: DeepSpeed found no checkpoint files to load")
-    return (client or {}).get("mmt", {})

@@ -40,12 +40,16 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmt train: config error: {e}", file=sys.stderr)
         return 2
+    from mmt.training.checkpoint import CheckpointError
     from mmt.training.trainer import train
 
     try:
         result = train(cfg, source=args.config)
     except ConfigError as e:
         print(f"mmt train: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"mmt train: checkpoint error: {e}", file=sys.stderr)
         return 2
     if result.exit_code == 0 and _is_rank0():
         summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
@@ -79,6 +83,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmt eval: config error: {e}", file=sys.stderr)
         return 2
+    from mmt.training.checkpoint import CheckpointError
     from mmt.training.evaluation_run import evaluate_checkpoint
 
     try:
@@ -87,6 +92,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as e:
         print(f"mmt eval: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"mmt eval: checkpoint error: {e}", file=sys.stderr)
         return 2
     if metrics is not None:
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -30,7 +30,6 @@ from mmt.training.checkpoint import (
     CheckpointManager,
     atomic_write_text,
     find_checkpoint,
-    load_checkpoint,
     read_meta,
 )
 from mmt.training.ds_config import batch_plan_from_ds, build_ds_config, load_user_ds_config, merge_ds_config
@@ -169,6 +168,16 @@ class Trainer:
         tag_dir = D.broadcast_object(str(tag_dir) if tag_dir else None)
         self.resume_dir = Path(tag_dir) if tag_dir else None
         resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
+        self.resume_plan = None
+        if self.resume_dir is not None:
+            # Same world size: DeepSpeed's files load as saved; another world size needs a universal checkpoint
+            # (`mmt ckpt to-universal`); anything that would not load exactly is refused here, before any work.
+            from mmt.ckpt.resume import check_resumable
+
+            self.resume_plan = check_resumable(
+                self.resume_dir, self.world, ds["zero_optimization"]["stage"], config=to_dict(cfg)
+            )
+            ds.setdefault("checkpoint", {}).update(self.resume_plan.ds_config_patch()["checkpoint"])
 
         # Model: identical initial weights on every rank, then per-rank random streams.
         import mmt
@@ -217,22 +226,29 @@ class Trainer:
         self._step_lr = float("nan")
         self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
 
-        if self.resume_dir is not None:
-            state = load_checkpoint(engine, self.resume_dir, self.world)
-            self.step = int(state["step"])
-            self.samples_seen = int(state["samples_seen"])
-            loader_states = state.get("loader_states")
-            if loader_states:
-                self.train_loader.load_state_dict(loader_states[self.rank])
-            restore_rng(state["rng_states"][self.rank])
-            if self.rank == 0:
-                print(
-                    f"mmt: resumed from {self.resume_dir} at step {self.step} ({self.samples_seen} samples)",
-                    flush=True,
-                )
+        if self.resume_plan is not None:
+            self._restore(self.resume_plan)
         if self.rank == 0:
             clear_marker(self.run_dir)
             self._log_run_start()
+
+    def _restore(self, plan: Any) -> None:
+        from mmt.ckpt.resume import load_for_resume, mmt_client_state, rank_loader_state, rank_rng_state
+
+        client = load_for_resume(self.engine, plan)
+        state = mmt_client_state(client)
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        loader_state = rank_loader_state(client, self.rank)
+        if loader_state is not None:
+            self.train_loader.load_state_dict(loader_state)
+        rng = rank_rng_state(client, self.rank)
+        if rng is not None and plan.saved_world_size == self.world:
+            restore_rng(rng)
+        else:  # a rank the saved run did not have (or a different layout): a fresh, reproducible stream
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.step, self.rank)
+        if self.rank == 0:
+            print(f"mmt: {plan.describe()} ({self.samples_seen} samples seen)", flush=True)
 
     def _total_steps(self) -> int:
         t = self.cfg.train
