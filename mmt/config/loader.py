@@ -101,11 +101,15 @@ def load_config(
     value.
     """
     node = OmegaConf.structured(schema)
+    file_source = str(path) if path is not None else "<defaults>"
     if path is not None:
         p = Path(path)
         data = _expand_includes(_read_file(p), schema, p.resolve().parent, str(p))
         node = _merge(node, data, str(p))
         _to_object(node, str(p), schema)
+    # Types are checked as each override merges; values and cross-field rules once all are in, so the order of
+    # overrides never matters. An error then names the override that set the offending key, else the file.
+    set_by: list[tuple[str, str]] = []
     for item in overrides:
         source = f"command-line override {item!r}"
         if "=" not in item:
@@ -116,8 +120,14 @@ def load_config(
         except OmegaConfBaseException as e:
             raise ConfigError(source, key, _short(e)) from None
         node = _merge(node, dotted, source)
-        _to_object(node, source, schema)
-    return _to_object(node, str(path) if path is not None else "<defaults>", schema)
+        set_by.append((key, source))
+    try:
+        return _to_object(node, file_source, schema)
+    except ConfigError as e:
+        for key, source in reversed(set_by):
+            if e.key == key or e.key.startswith(key + ".") or key.startswith(e.key + "."):
+                raise ConfigError(source, e.key, e.message) from None
+        raise
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

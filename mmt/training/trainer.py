@@ -248,7 +248,11 @@ class Trainer:
         else:  # a rank the saved run did not have (or a different layout): a fresh, reproducible stream
             seed_everything(self.cfg.train.seed + 1_000_003 * self.step, self.rank)
         if self.rank == 0:
-            print(f"mmt: {plan.describe()} ({self.samples_seen} samples seen)", flush=True)
+            print(
+                f"mmt: resumed from {self.resume_dir} at step {self.step} ({self.samples_seen} samples): "
+                f"{plan.describe()}",
+                flush=True,
+            )
 
     def _total_steps(self) -> int:
         t = self.cfg.train
