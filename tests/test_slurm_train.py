@@ -147,6 +147,7 @@ def test_preempted_job_requeues_and_resumes_exactly(tmp_path, monkeypatch, shard
     assert _loss_steps(client, run) == list(range(1, STEPS + 1))
     assert run.data.tags["mmt.slurm_restart_count"] == "1"
     assert run.data.tags["mmt.slurm_job_id"] == job
+    assert run.data.tags["mmt.slurm_nodelist"]  # the node list of the (last) allocation
     assert run.data.tags["mmt.hostnames"]
     assert not (run_dir / "preempted.json").exists()
 

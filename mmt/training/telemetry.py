@@ -84,6 +84,7 @@ def system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
     for var, tag in (
         ("SLURM_JOB_ID", "mmt.slurm_job_id"),
         ("SLURM_RESTART_COUNT", "mmt.slurm_restart_count"),
+        ("SLURM_JOB_NODELIST", "mmt.slurm_nodelist"),
         ("SLURM_JOB_NAME", "mmt.slurm_job_name"),
         ("SLURM_ARRAY_TASK_ID", "mmt.slurm_array_task_id"),
         ("TORCHELASTIC_RESTART_COUNT", "mmt.torchelastic_restart_count"),
