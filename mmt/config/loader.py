@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmt.atomic import atomic_write_text
 from mmt.config.errors import ConfigError
 from mmt.config.root import Config
 from mmt.config.validate import validate
@@ -155,11 +155,5 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically (temp file + rename); `load_config` reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config as YAML atomically; `load_config` reads it back equal."""
+    return atomic_write_text(path, dump_yaml(cfg))

@@ -206,8 +206,8 @@ def plan_job(
 
 def write_job(plan: JobPlan) -> Path:
     """Write each member's resolved config into its run directory, the script (and sweep.json) atomically."""
+    from mmt.atomic import atomic_write_text
     from mmt.config import save_config
-    from mmt.slurm.files import atomic_write
 
     for m in plan.members:
         save_config(m.config, m.config_path)
@@ -222,5 +222,5 @@ def write_job(plan: JobPlan) -> Path:
             }
             for i, m in enumerate(plan.members)
         ]
-        atomic_write(plan.job_dir / "sweep.json", json.dumps(manifest, indent=2) + "\n")
-    return atomic_write(plan.script_path, plan.script, mode=0o755)
+        atomic_write_text(plan.job_dir / "sweep.json", json.dumps(manifest, indent=2) + "\n")
+    return atomic_write_text(plan.script_path, plan.script, mode=0o755)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from mmt.atomic import atomic_write_bytes
 from mmt.tracking.runs import MFU, SAMPLES_PER_S, MetricPoint, metric_histories, metric_mode
 
 THROUGHPUT_METRICS = (SAMPLES_PER_S, MFU)
@@ -129,21 +129,6 @@ def to_records(comp: Comparison) -> list[dict[str, object]]:
         rec.update({f"{k}.median": row.throughput[k] for k in THROUGHPUT_METRICS})
         records.append(rec)
     return records
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temp file in the same folder and os.replace: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_csv(comp: Comparison, path: str | os.PathLike) -> Path:

@@ -10,8 +10,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmt.atomic import atomic_write_bytes
 from mmt.tracking.runs import MetricPoint, RunsError
-from mmt.tracking.runs_compare import Comparison, atomic_write_bytes
+from mmt.tracking.runs_compare import Comparison
 
 DPI = 100
 DEFAULT_WIDTH = 1000

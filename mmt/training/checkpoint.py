@@ -14,48 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmt.ckpt.layout import CheckpointError  # one error type for checkpoint problems, shared with mmt ckpt
+from mmt.atomic import atomic_write_text
+from mmt.ckpt.layout import CheckpointError, step_of_tag, tag_for_step  # shared with mmt ckpt
 from mmt.training.distributed import barrier
 
 CHECKPOINTS_DIR = "checkpoints"
 META_FILE = "mmt_meta.json"
 LATEST_FILE = "latest"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of_tag(tag: str) -> int | None:
-    m = _TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temp file beside ``path``, fsync, rename over ``path``: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared run folder wants the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from mmt.atomic import atomic_write_text
 from mmt.config import Config
 from mmt.training import distributed as D
-from mmt.training.checkpoint import CheckpointError, atomic_write_text, find_checkpoint, read_meta
+from mmt.training.checkpoint import CheckpointError, find_checkpoint, read_meta
 from mmt.training.evaluate import evaluate
 from mmt.training.tasks import build_task
 

@@ -61,7 +61,7 @@ class PreemptionFlag:
 
 
 def write_marker(run_dir: str | Path, step: int, checkpoint: str, signal_name: str) -> Path:
-    from mmt.training.checkpoint import atomic_write_text
+    from mmt.atomic import atomic_write_text
 
     info = {
         "step": step,

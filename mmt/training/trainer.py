@@ -21,17 +21,13 @@ from typing import Any
 
 import torch
 
+from mmt.atomic import atomic_write_text
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
 from mmt.training import distributed as D
 from mmt.training.batching import BatchPlan, resolve_batch
-from mmt.training.checkpoint import (
-    CheckpointManager,
-    atomic_write_text,
-    find_checkpoint,
-    read_meta,
-)
+from mmt.training.checkpoint import CheckpointManager, find_checkpoint, read_meta
 from mmt.training.ds_config import batch_plan_from_ds, build_ds_config, load_user_ds_config, merge_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
