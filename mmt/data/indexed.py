@@ -192,6 +192,19 @@ class WorkerSettings:
     persistent_workers: bool = True
     start_method: str = "forkserver"
 
+    def dataloader_kwargs(self) -> dict[str, Any]:
+        """The DataLoader arguments both loaders share: an fsspec-safe start method, persistent prefetching
+        workers that each open their own storage clients."""
+        nw = self.num_workers
+        return dict(
+            num_workers=nw,
+            multiprocessing_context=worker_context(self.start_method) if nw > 0 else None,
+            persistent_workers=self.persistent_workers and nw > 0,
+            prefetch_factor=self.prefetch_factor if nw > 0 else None,
+            worker_init_fn=WorkerInit() if nw > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
 
 class IndexedLoader:
     """Iterates the current epoch's remaining batches; ``state_dict`` / ``load_state_dict`` resume exactly.
@@ -213,17 +226,8 @@ class IndexedLoader:
         self.dataset, self.sampler, self.tracker = dataset, sampler, tracker
         self.shard_failures = list(shard_failures or [])
         self.resumable = isinstance(sampler, GlobalBatchSampler)
-        nw = workers.num_workers
         self._loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collate,
-            num_workers=nw,
-            multiprocessing_context=worker_context(workers.start_method) if nw > 0 else None,
-            persistent_workers=workers.persistent_workers and nw > 0,
-            prefetch_factor=workers.prefetch_factor if nw > 0 else None,
-            worker_init_fn=WorkerInit() if nw > 0 else None,
-            pin_memory=torch.cuda.is_available(),
+            dataset, batch_sampler=sampler, collate_fn=collate, **workers.dataloader_kwargs()
         )
 
     @property

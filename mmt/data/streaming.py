@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
-from mmt.data.indexed import WorkerInit, WorkerSettings, worker_context
+from mmt.data.indexed import WorkerSettings, worker_context
 from mmt.data.samples import Collator, SampleDecoder, SampleFailure
 from mmt.data.shards import StorageSettings, iter_tar_samples
 
@@ -165,17 +164,7 @@ class StreamingLoader:
     def __init__(self, dataset: StreamingDataset, workers: WorkerSettings, tracker: FailureTracker) -> None:
         self.dataset, self.tracker = dataset, tracker
         self._epoch = 0
-        nw = workers.num_workers
-        self._loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=nw,
-            multiprocessing_context=worker_context(workers.start_method) if nw > 0 else None,
-            persistent_workers=workers.persistent_workers and nw > 0,
-            prefetch_factor=workers.prefetch_factor if nw > 0 else None,
-            worker_init_fn=WorkerInit() if nw > 0 else None,
-            pin_memory=torch.cuda.is_available(),
-        )
+        self._loader = DataLoader(dataset, batch_size=None, **workers.dataloader_kwargs())
 
     @property
     def epoch(self) -> int:
