@@ -59,17 +59,18 @@ def read_losses(run_dir: Path) -> dict[int, dict]:
 
 # One cache per test process: a fixture imported into several test modules is a separate fixture in each
 # module, so a session-scoped fixture alone would launch the same runs once per module.
-_MADE: dict[int, Path] = {}
+_MADE: dict[tuple[int, str], Path] = {}
 
 
 @pytest.fixture(scope="session", name="zero_run")
 def zero_run_fixture(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
-    """``zero_run(stage)``: the run dir of a 2-rank fp32 run of the tiny model at that ZeRO stage (made once)."""
+    """``zero_run(stage, dtype="fp32")``: the run dir of a 2-rank run of the tiny model at that ZeRO stage and
+    training precision (made once)."""
     made = _MADE
 
-    def get(stage: int) -> Path:
-        if stage not in made:
-            run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    def get(stage: int, dtype: str = "fp32") -> Path:
+        if (stage, dtype) not in made:
+            run = tmp_path_factory.mktemp(f"zero{stage}{dtype}") / "run"
             run_harness(
                 run,
                 2,
@@ -82,9 +83,11 @@ def zero_run_fixture(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int]
                 "--save-at",
                 str(SAVE_STEP),
                 "--dump-live",
+                "--dtype",
+                dtype,
             )
-            made[stage] = run
-        return made[stage]
+            made[(stage, dtype)] = run
+        return made[(stage, dtype)]
 
     return get
 

@@ -64,6 +64,22 @@ def test_convert_equals_zero_to_fp32_and_live_weights(zero_run, tmp_path, stage)
         assert size <= 200_000 + 8192 or len(load_file(tmp_path / "sharded" / f)) == 1
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_convert_bf16_trained_checkpoint(zero_run, tmp_path, stage):
+    """bf16 training keeps fp32 master weights in the optimizer partitions: the conversion gives exactly those
+    (as DeepSpeed's own consolidation does), and rounding them to bf16 gives the bf16 weights the model ran with."""
+    run = zero_run(stage, "bf16")
+    ours = load_output(convert_checkpoint(run, tmp_path / "fp32", progress=False).out_dir)
+    assert all(v.dtype == torch.float32 for v in ours.values())
+    assert_same(ours, {k: v.contiguous() for k, v in deepspeed_reference(run).items()})
+    live = live_params(run)
+    assert set(ours) == set(live)
+    for k, v in ours.items():
+        assert torch.equal(v.to(torch.bfloat16).float(), live[k]), k
+    as_bf16 = load_output(convert_checkpoint(run, tmp_path / "bf16", dtype="bf16", progress=False).out_dir)
+    assert_same(as_bf16, {k: v.to(torch.bfloat16) for k, v in ours.items()})
+
+
 def test_convert_zero0(zero_run, tmp_path):
     run = zero_run(0)
     res = convert_checkpoint(run, tmp_path / "out", progress=False)
