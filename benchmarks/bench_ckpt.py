@@ -57,19 +57,12 @@ def measure(mode: str, *args: str) -> dict:
 
 
 def make_checkpoint(model: str, nproc: int, run_dir: Path) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "mmt.ckpt.harness",
-        "--run-dir",
-        str(run_dir),
+    from mmt.ckpt.harness import launch_command, launch_env
+
+    env = {**launch_env(), "DS_ACCELERATOR": "cpu"}
+    cmd = launch_command(
+        run_dir,
+        nproc,
         "--model",
         model,
         "--zero-stage",
@@ -80,7 +73,7 @@ def make_checkpoint(model: str, nproc: int, run_dir: Path) -> None:
         "1",
         "--global-batch",
         str(nproc),
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"making the checkpoint failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -8,13 +8,13 @@ compare converted weights with what the engine actually held.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from mmt.ckpt.harness import launch_command, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "model" / "tiny_tri.yaml"
@@ -23,28 +23,14 @@ STEPS = 4
 
 
 def harness_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env = launch_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
 def run_harness(run_dir: Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N -m mmt.ckpt.harness --run-dir RUN_DIR ARGS`` (must succeed)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "mmt.ckpt.harness",
-        "--run-dir",
-        str(run_dir),
-        *args,
-    ]
+    cmd = launch_command(run_dir, nproc, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(), timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])

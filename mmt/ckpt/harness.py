@@ -39,6 +39,36 @@ class ToyModel(nn.Module):
         return self.out(torch.tanh(self.hidden(self.norm(self.inp(x))))) * self.scale
 
 
+def launch_command(run_dir: str | os.PathLike, nproc: int, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m mmt.ckpt.harness --run-dir RUN_DIR ARGS``: the one way the
+    tests and the benchmark start this harness."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "mmt.ckpt.harness",
+        "--run-dir",
+        str(run_dir),
+        *args,
+    ]
+
+
+def launch_env() -> dict[str, str]:
+    """The caller's environment with DeepSpeed on CPU and its JIT-built ops cached beside the venv."""
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return env
+
+
 def toy_config() -> dict[str, Any]:
     return {"model": {"name": "toy", "layers": [7, 13, 11, 5]}}
 
