@@ -1,7 +1,7 @@
 """Time and peak memory per token of each attention kind, forward + backward of one layer on CPU.
 
 Each (kind, length) runs in a fresh subprocess so its peak resident memory is its own. Prints a table and the
-linear/dense ratios at each length. Dense ("mha") uses SDPA's fused kernel when no padding mask is given;
+linear, performer and reformer / dense ratios at each length. Dense ("mha") uses SDPA's fused kernel when no padding mask is given;
 ``--mask`` adds a padding mask (the score matrix is then materialised, O(N^2) memory).
 
     .venv/bin/python benchmarks/bench_attention.py                 # 256 .. 16k
@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 
-KINDS = ("mha", "sparse", "strided", "linear")
+KINDS = ("mha", "sparse", "strided", "linear", "performer", "reformer")
 
 
 def run_one(kind: str, n: int, dim: int, heads: int, mask: bool, repeats: int) -> dict:
@@ -28,9 +28,12 @@ def run_one(kind: str, n: int, dim: int, heads: int, mask: bool, repeats: int) -
     from mmt.model.registry import ATTENTION
 
     torch.manual_seed(0)
-    layer = ATTENTION.get(kind)(
-        dim, heads, AttentionConfig(kind=kind, window=64, num_global=4, stride=128, chunk_size=64)
+    # Reformer: about one chunk (64 tokens) per bucket, as in Kitaev et al.; Performer: 64 random features.
+    buckets = max(2, 2 * (n // 128))
+    cfg = AttentionConfig(
+        kind=kind, window=64, num_global=4, stride=128, chunk_size=64, num_features=64, num_buckets=buckets
     )
+    layer = ATTENTION.get(kind)(dim, heads, cfg)
     x = torch.randn(1, n, dim, requires_grad=True)
     pad = torch.ones(1, n, dtype=torch.bool) if mask else None
     if pad is not None:
@@ -94,16 +97,17 @@ def main() -> None:
                 f"{n:>6} {kind:>8} {r['seconds'] * 1e3:10.1f} {r['seconds'] / n * 1e6:9.2f} "
                 f"{r['mem_kib'] / 1024:9.1f} {r['mem_kib'] / n:10.2f}"
             )
-    print("\nlinear / dense (mha) ratios:")
-    print(f"{'N':>6} {'time':>8} {'memory':>8} {'linear KiB/token':>17}")
-    for n in args.lengths:
-        lin, den = results[("linear", n)], results[("mha", n)]
-        if "error" in lin or "error" in den:
-            continue
-        print(
-            f"{n:>6} {lin['seconds'] / den['seconds']:8.3f} {lin['mem_kib'] / den['mem_kib']:8.3f} "
-            f"{lin['mem_kib'] / n:17.2f}"
-        )
+    for kind in ("linear", "performer", "reformer"):
+        print(f"\n{kind} / dense (mha) ratios:")
+        print(f"{'N':>6} {'time':>8} {'memory':>8} {kind + ' KiB/token':>20}")
+        for n in args.lengths:
+            lin, den = results[(kind, n)], results[("mha", n)]
+            if "error" in lin or "error" in den:
+                continue
+            print(
+                f"{n:>6} {lin['seconds'] / den['seconds']:8.3f} {lin['mem_kib'] / den['mem_kib']:8.3f} "
+                f"{lin['mem_kib'] / n:20.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def test_round_trip(tmp_path):
             "relative",
         ),
         ("model: {image: {patch_size: 5}}\n", "model.image.patch_size", "does not divide"),
+        ("model: {attention: {kind: reformer, num_buckets: 3}}\n", "model.attention.num_buckets", "even"),
+        ("model: {attention: {kind: performer}, positional: relative}\n", "model.attention.kind", "relative"),
         ("train: {task: translation}\n", "train.task", "is not one of"),
     ],
 )

@@ -33,7 +33,7 @@ CASES = (
             {"positional": "rotary", "attention": AttentionConfig(kind=k, window=4, stride=3, chunk_size=5)},
             id=f"rotary+{k}",
         )
-        for k in ("sparse", "strided", "linear")
+        for k in ("sparse", "strided", "linear", "performer", "reformer")
     ]
     + [pytest.param({"ffn": f}, id=f"ffn={f}") for f in FFN.names()]
     + [pytest.param({"norm": n}, id=f"norm={n}") for n in NORM.names()]

@@ -28,7 +28,17 @@ class AttentionConfig:
     )
     feature_map: str = cfg_field("elu", doc="linear: kernel feature map phi", choices=("elu", "relu"))
     chunk_size: int = cfg_field(
-        64, doc="linear, causal: chunk length (memory O(N * chunk), not O(N^2))", ge=1
+        64,
+        doc="linear / performer (causal) and reformer: chunk length (memory O(N * chunk), not O(N^2))",
+        ge=1,
+    )
+    num_features: int = cfg_field(
+        64, doc="performer: random features m (error vs softmax falls like 1/sqrt(m))", ge=1
+    )
+    num_buckets: int = cfg_field(8, doc="reformer: LSH buckets per hash round (1 or even)", ge=1)
+    num_hashes: int = cfg_field(1, doc="reformer: hash rounds (more rounds: fewer missed neighbours)", ge=1)
+    projection_seed: int = cfg_field(
+        0, doc="performer / reformer: seed of the fixed random projections (same on every rank)", ge=0
     )
     dropout: float = cfg_field(0.0, doc="dropout on attention weights (dense kinds only)", ge=0.0, le=1.0)
 
@@ -176,11 +186,17 @@ class MultiModalConfig(ModelConfig):
                 raise ConfigError(
                     source, f"{key}positional", f"rotary needs an even head dim, got {dim // heads}"
                 )
-            if attn.kind == "linear" and positional == "relative":
+            if attn.kind in ("linear", "performer", "reformer") and positional == "relative":
                 raise ConfigError(
                     source,
                     f"{key}attention.kind",
-                    "linear attention never forms the score matrix, so it cannot take positional=relative",
+                    f"{attn.kind} attention adds no score bias, so it cannot take positional=relative",
+                )
+            if attn.kind == "reformer" and attn.num_buckets > 1 and attn.num_buckets % 2:
+                raise ConfigError(
+                    source,
+                    f"{key}attention.num_buckets",
+                    f"reformer hashes by argmax over [xR; -xR]: needs 1 or an even count, got {attn.num_buckets}",
                 )
             if attn.kind == "strided" and heads < 2:
                 raise ConfigError(

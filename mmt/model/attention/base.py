@@ -30,13 +30,15 @@ def masked_fill_min(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
 class SelfAttention(nn.Module):
     supports_kv_cache = False
     supports_score_bias = True
+    # Shared-QK kinds (Reformer) project only queries and values; the keys are the queries.
+    shared_qk = False
 
     def __init__(self, dim: int, heads: int, cfg: AttentionConfig) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.dim, self.heads, self.head_dim, self.cfg = dim, heads, dim // heads, cfg
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, (2 if self.shared_qk else 3) * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(
@@ -49,7 +51,11 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``cache`` (decoding): a dict holding past keys/values; ``cache["offset"]`` is the first position of x."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.shared_qk:
+            q, v = self.qkv(x).view(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k = q
+        else:
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = cache.get("offset", 0) if cache is not None else 0
         positions = torch.arange(offset, offset + n, device=x.device)
         if pos is not None:
