@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from mmt.config.named import list_models, list_runs
     from mmt.model.factory import create_model
     from mmt.model.multimodal import MultiModalModel, MultiModalOutput
 
@@ -17,6 +18,10 @@ def __getattr__(name: str) -> Any:
         from mmt.model.factory import create_model
 
         return create_model
+    if name in ("list_models", "list_runs"):
+        from mmt.config import named
+
+        return getattr(named, name)
     if name in ("MultiModalModel", "MultiModalOutput"):
         from mmt.model import multimodal
 
@@ -24,4 +29,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mmt' has no attribute {name!r}")
 
 
-__all__ = ["MultiModalModel", "MultiModalOutput", "__version__", "create_model"]
+__all__ = [
+    "MultiModalModel",
+    "MultiModalOutput",
+    "__version__",
+    "create_model",
+    "list_models",
+    "list_runs",
+]

@@ -19,11 +19,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mmt.atomic import atomic_write_text
 from mmt.config.errors import ConfigError
+from mmt.config.model import MultiModalConfig
+from mmt.config.named import resolve_config
 from mmt.config.root import Config
 from mmt.config.validate import validate
 
 T = TypeVar("T")
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# which shipped names a schema may be loaded from (`mmt.config.named`)
+_KINDS: dict[type, tuple[str, ...]] = {Config: ("run",), MultiModalConfig: ("model",)}
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -97,13 +101,15 @@ def load_config(
 ) -> T:
     """Build a ``schema`` instance from defaults, then ``path``, then each ``key=value`` override in order.
 
+    ``path`` may also name a shipped config (``demo``, ``tiny_tri``: see `mmt.config.named`).
+
     Raises `ConfigError` naming the file or override and the full key for an unknown key, a wrong type or a bad
     value.
     """
     node = OmegaConf.structured(schema)
     file_source = str(path) if path is not None else "<defaults>"
     if path is not None:
-        p = Path(path)
+        p = resolve_config(path, _KINDS.get(schema, ("model", "run")))
         data = _expand_includes(_read_file(p), schema, p.resolve().parent, str(p))
         node = _merge(node, data, str(p))
         _to_object(node, str(p), schema)

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmt model", description=__doc__)
-    parser.add_argument("config", help="a model YAML/JSON file or a run config with a model section")
+    parser.add_argument(
+        "config",
+        help="a shipped model name (tiny_tri, base_tri, ...), a model YAML/JSON file or a run config",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the model section")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
 
     import torch
 
+    from mmt.config import ConfigError
     from mmt.model.factory import create_model
 
-    with torch.device("meta"):  # sizes only: no memory for the weights
-        model = create_model(args.config, args.overrides)
+    try:
+        with torch.device("meta"):  # sizes only: no memory for the weights
+            model = create_model(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"mmt model: config error: {e}", file=sys.stderr)
+        return 2
     report = {
         "name": model.cfg.name,
         "modalities": model.modalities,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mmt.config.errors import ConfigError
 from mmt.config.loader import load_config
 from mmt.config.model import MultiModalConfig
+from mmt.config.named import resolve_config
 from mmt.config.root import Config
 from mmt.model.multimodal import MultiModalModel
 
@@ -19,9 +18,7 @@ def load_model_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     """A model file (its top level is the model section) or a full run config (it has a ``model:`` section)."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(str(p), "<file>", "no such config file")
+    p = resolve_config(path, ("model", "run"))
     head = yaml.safe_load(p.read_text()) or {}
     if isinstance(head, dict) and "model" in head and isinstance(head["model"], (dict, str)):
         return load_config(
@@ -35,8 +32,9 @@ def create_model(
 ) -> MultiModalModel:
     """Build the model.
 
-    ``config``: a `MultiModalConfig`, a full `Config` (its ``model``), a plain dict of model fields, or a path to
-    a YAML/JSON file (a model file or a run config). ``overrides`` are dotted ``key=value`` strings relative to the
+    ``config``: a `MultiModalConfig`, a full `Config` (its ``model``), a plain dict of model fields, a shipped
+    config's name (``"tiny_tri"``, ``"base_tri"``: `list_models()`) or a path to a YAML/JSON file (a model file
+    or a run config). ``overrides`` are dotted ``key=value`` strings relative to the
     model section (``image.depth=4``, ``attention.kind=linear``).
     """
     if isinstance(config, Config):

@@ -16,7 +16,9 @@ from mmt.config import ConfigError, load_config
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("config", help="run config (YAML/JSON), e.g. configs/train/demo.yaml")
+    p.add_argument(
+        "config", help="run config (YAML/JSON file or shipped name), e.g. demo, configs/train/demo.yaml"
+    )
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 train.zero_stage=3"
     )

@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "demo.yaml"
+from mmt.config.named import CONFIG_DIR
+
+DEMO_CONFIG = CONFIG_DIR / "train" / "demo.yaml"  # package data: found from a wheel install too
 
 
 def _ensure_data(data_dir: Path) -> dict:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         default="deepspeed",
         help="none: a single process without a launcher",
     )
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="run config")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="run config (file or shipped name)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. train.max_steps=50")
     args = p.parse_args(argv)
 
