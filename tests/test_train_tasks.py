@@ -86,5 +86,6 @@ def test_captioning_trains_and_reports_perplexity_and_bleu(task_runs):
     # label smoothing 0.1: the training loss differs from the plain token NLL logged beside it
     assert all(r["train/loss"] != pytest.approx(r["train/nll"], abs=1e-6) for r in rows.values())
     ev = eval_row(tmp / "cap")
-    assert ev["val/perplexity"] == pytest.approx(math.exp(ev["val/loss"]), rel=1e-9)
+    # perplexity's definition (token-weighted NLL over uneven batches) is checked in test_metric_references.py
+    assert math.isfinite(ev["val/perplexity"]) and ev["val/perplexity"] > 1.0
     assert 0.0 <= ev["val/bleu4"] <= 1.0 and ev["val/samples"] == 12
