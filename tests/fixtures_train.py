@@ -118,6 +118,40 @@ def consumed_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
     return out
 
 
+def key_records(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    """Every (step, keys) line this rank wrote, in order: a replayed or skipped step shows here."""
+    path = run_dir / "keys" / f"rank_{rank:05d}.jsonl"
+    return [(r["step"], r["keys"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def global_keys(run_dir: Path, world_size: int) -> dict[int, list[str]]:
+    """Step -> the global batch's keys (the ranks' slices in rank order), from every rank's record."""
+    per_rank = [consumed_keys(run_dir, r) for r in range(world_size)]
+    assert all(sorted(p) == sorted(per_rank[0]) for p in per_rank), "ranks recorded different steps"
+    return {s: [k for p in per_rank for k in p[s]] for s in sorted(per_rank[0])}
+
+
+def all_train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every metrics.jsonl row with train/loss, in the order written (resumed runs append)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+def final_weights(run_dir: Path, tag: str = "") -> dict[str, Any]:
+    """The fp32 weights of a run's newest checkpoint (or ``tag``), read with DeepSpeed's own tools (not mmt's)."""
+    import torch
+
+    root = run_dir / "checkpoints"
+    tag = tag or (root / "latest").read_text().strip()
+    meta = json.loads((root / tag / "mmt_meta.json").read_text())
+    if meta["zero_stage"] == 0:
+        state = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
 # ---------------------------------------------------------------------------------------------------- processes
 def env_for_runs(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
@@ -252,16 +286,21 @@ def wait_for(
 
 # ---------------------------------------------------------------------------------------------------- shared runs
 RESUME_STEPS = 8
-ZERO_STEPS = 3
+ZERO_STEPS = 6  # >= 5 real updates: step 1's lr is not zero (warmup starts at half the peak)
+ZERO_SAVE = 3  # the ZeRO-2/3 parity runs also save here: the start of the resumes on 1 and 3 ranks
+ZERO_BATCH = 6  # a global batch that 1, 2 and 3 ranks divide
 
 
 @pytest.fixture(scope="session")
 def dist_runs(tmp_path_factory) -> dict[str, Any]:
     """Every multi-process run of the training tests, launched once (start-up dominates at this size).
 
-    * one process: the reference for the ZeRO parity checks;
-    * one torchrun launch (2 ranks) of several in-process runs: gathered contrastive loss, ZeRO 0-3, ZeRO-3 with a
-      rank that never sees audio, the uninterrupted reference of the resume check, and a run that crashes;
+    * one torchrun launch (2 ranks) of several in-process runs: gathered contrastive loss, ZeRO 0-3 (the ZeRO-2/3
+      runs save at step ``ZERO_SAVE`` too), ZeRO-3 with a rank that never sees audio, the uninterrupted reference
+      of the resume check, and a run that crashes;
+    * one process (torchrun, 1 rank): the single-process reference of the ZeRO parity checks, and the ZeRO-2/3
+      runs resumed from step ``ZERO_SAVE`` on 1 rank (converted to universal checkpoints by the trainer);
+    * the same resumes on 3 ranks;
     * the deepspeed launcher (2 ranks), preempted by SIGUSR1 on rank 1 only, then resumed under torchrun.
     """
     tmp = tmp_path_factory.mktemp("train_dist")
@@ -269,7 +308,15 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
     # Unshuffled order: global batch b is samples 8b..8b+7 and rank 1 takes 8b+4..8b+7, which have no audio.
     mixed = write_shards(tmp / "mixed", 32, no_audio=lambda i: i % 8 >= 4)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    zero = {"max_steps": ZERO_STEPS, "seed": 3}
+    zero = {
+        "max_steps": ZERO_STEPS,
+        "seed": 3,
+        "global_batch": ZERO_BATCH,
+        "record_keys": True,
+        "checkpoint_at_end": True,
+        "keep_last": 0,
+        "schedule": {"warmup_steps": 2, "warmup_init_ratio": 0.5},
+    }
     cfgs = {
         "ref": write_config(
             tmp / "ref.yaml", train_urls=urls, run_dir=tmp / "ref", train={**zero, "zero_stage": 0}
@@ -280,14 +327,26 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
             tmp / f"zero{st}.yaml",
             train_urls=urls,
             run_dir=tmp / f"zero{st}",
-            train={**zero, "zero_stage": st},
+            train={**zero, "zero_stage": st, "checkpoint_interval": ZERO_SAVE if st in (2, 3) else 0},
         )
+    for st in (2, 3):
+        for ws in (1, 3):
+            cfgs[f"zero{st}_ws{ws}"] = write_config(
+                tmp / f"zero{st}_ws{ws}.yaml",
+                train_urls=urls,
+                run_dir=tmp / f"zero{st}_ws{ws}",
+                train={
+                    **zero,
+                    "zero_stage": st,
+                    "resume": str(tmp / f"zero{st}/checkpoints/step_{ZERO_SAVE:08d}"),
+                },
+            )
     cfgs["mixed"] = write_config(
         tmp / "mixed.yaml",
         train_urls=mixed,
         run_dir=tmp / "mixed",
         data={"shuffle": False},
-        train={**zero, "zero_stage": 3, "record_keys": True, "max_steps": 4},
+        train={**zero, "zero_stage": 3, "global_batch": 8, "max_steps": 4, "checkpoint_at_end": False},
     )
     resume = dict(
         train_urls=urls,
@@ -314,11 +373,18 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
         tracking={"backend": "mlflow", "uri": uri},
     )
 
-    run(mmt_single(str(cfgs["ref"])), cwd=tmp, timeout=300)
     order = [str(cfgs[k]) for k in ("zero0", "zero1", "zero2", "zero3", "mixed", "resume_ref")] + [
         f"!{cfgs['crash']}"
     ]
     run(scenario_torchrun(2, "contrastive+train", str(tmp), *order), cwd=tmp, timeout=480)
+    for ws, names in ((1, ("ref", "zero2_ws1", "zero3_ws1")), (3, ("zero2_ws3", "zero3_ws3"))):
+        (tmp / f"ws{ws}").mkdir()
+        out = run(
+            scenario_torchrun(ws, "train", str(tmp / f"ws{ws}"), *(str(cfgs[k]) for k in names)),
+            cwd=tmp,
+            timeout=300,
+        )
+        (tmp / f"ws{ws}/output.txt").write_text(out.stdout)
 
     proc = start(mmt_deepspeed(2, str(cfgs["pre"])), cwd=tmp)
     try:

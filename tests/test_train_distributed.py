@@ -14,11 +14,23 @@ import json
 import math
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from mmt.training.preemption import PREEMPTED_EXIT_CODE, exited_due_to_preemption
 from tests.fixtures_train import RESUME_STEPS as STEPS
-from tests.fixtures_train import ZERO_STEPS, consumed_keys, dist_runs, train_rows  # noqa: F401
+from tests.fixtures_train import (  # noqa: F401
+    ZERO_SAVE,
+    ZERO_STEPS,
+    all_train_rows,
+    consumed_keys,
+    dist_runs,
+    final_weights,
+    global_keys,
+    train_rows,
+)
+
+WEIGHT_ATOL = 5e-6
 
 pytestmark = pytest.mark.dist
 
@@ -37,19 +49,60 @@ def test_contrastive_loss_gathered_over_two_ranks_equals_concatenated_batch(runs
         assert r["max_param_grad_diff"] <= 1e-6 * max(1.0, r["max_param_grad"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_matches_single_process(runs, stage):
-    ref = train_rows(runs["tmp"] / "ref")
-    got = train_rows(runs["tmp"] / f"zero{stage}")
-    assert sorted(got) == sorted(ref) == list(range(1, ZERO_STEPS + 1))
-    for step in ref:
+def assert_rows_match(got: dict, ref: dict, steps) -> None:
+    for step in steps:
         # Same global batch and init: 2 ranks change only the order of fp32 reductions (ZeRO-3 also reduce-
         # scatters). Measured: <= 1e-6 relative on the loss, <= 1e-5 on the gradient norm.
         assert got[step]["train/loss"] == pytest.approx(ref[step]["train/loss"], rel=1e-5), step
         assert got[step]["train/grad_norm"] == pytest.approx(ref[step]["train/grad_norm"], rel=5e-5), step
         assert got[step]["train/logit_scale"] == pytest.approx(ref[step]["train/logit_scale"], rel=1e-5), step
+        assert got[step]["train/lr"] == pytest.approx(ref[step]["train/lr"], rel=1e-12), step
+
+
+def assert_weights_match(got: dict, ref: dict) -> None:
+    assert set(got) == set(ref)
+    for k in ref:
+        # fp32 reduction order only, over ZERO_STEPS Adam updates of <= lr = 1e-3 each: measured max abs diff
+        # 5e-7 (weights up to 2.7); a missing or repeated update moves weights by ~1e-4..1e-3.
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_matches_single_process(runs, stage):
+    tmp = runs["tmp"]
+    ref, got = train_rows(tmp / "ref"), train_rows(tmp / f"zero{stage}")
+    assert sorted(got) == sorted(ref) == list(range(1, ZERO_STEPS + 1))
+    assert all(ref[s]["train/lr"] > 0 for s in ref)  # every step is a real update
+    assert_rows_match(got, ref, ref)
+    # the same global batches, and the same final weights
+    assert global_keys(tmp / f"zero{stage}", 2) == global_keys(tmp / "ref", 1)
+    assert_weights_match(final_weights(tmp / f"zero{stage}"), final_weights(tmp / "ref"))
     # Training moved the weights: the losses are not all equal.
     assert len({round(ref[s]["train/loss"], 6) for s in ref}) > 1
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_world_size_continues_the_run(runs, stage, world_size):
+    """Saved on 2 ranks at step ZERO_SAVE, resumed by `train` on 1 or 3: converted to a universal checkpoint once
+    (one line says so), then the same global sample sequence, losses and final weights as the 2-rank run."""
+    tmp = runs["tmp"]
+    ref_dir, run_dir = tmp / f"zero{stage}", tmp / f"zero{stage}_ws{world_size}"
+    lines = [x for x in (tmp / f"ws{world_size}/output.txt").read_text().splitlines() if str(run_dir) in x]
+    converted = [x for x in lines if "converted from" in x]
+    assert len(converted) == 1 and f"saved on 2 ranks (ZeRO-{stage}), loading on {world_size}" in converted[0]
+    assert not (run_dir / ".resume-universal").exists()  # the universal copy is gone once loaded
+    steps = list(range(ZERO_SAVE + 1, ZERO_STEPS + 1))
+    assert [r["step"] for r in all_train_rows(run_dir)] == steps
+    ref_keys, got_keys = global_keys(ref_dir, 2), global_keys(run_dir, world_size)
+    assert got_keys == {s - 1: ref_keys[s - 1] for s in steps}  # keys are recorded under the 0-based step
+    assert_rows_match(train_rows(run_dir), train_rows(ref_dir), steps)
+    final = final_weights(run_dir)
+    assert_weights_match(final, final_weights(ref_dir))
+    start = final_weights(ref_dir, f"step_{ZERO_SAVE:08d}")
+    assert (
+        max(float((final[k] - start[k]).detach().abs().max()) for k in start) > 100 * WEIGHT_ATOL
+    )  # real updates
 
 
 def test_zero3_rank_without_audio_trains(runs):

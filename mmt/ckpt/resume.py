@@ -38,6 +38,8 @@ class ResumePlan:
     saved_zero_stage: int
     zero_stage: int
     meta: dict[str, Any] = field(default_factory=dict)
+    converted_from: Path | None = None  # the DeepSpeed checkpoint this universal one was made from, on resume
+    convert_seconds: float = 0.0
 
     def ds_config_patch(self) -> dict[str, Any]:
         return {"checkpoint": {"load_universal": self.load_universal}}
@@ -48,6 +50,11 @@ class ResumePlan:
             if self.load_universal
             else "DeepSpeed's files as saved"
         )
+        if self.converted_from is not None:
+            how = (
+                f"a universal checkpoint converted from {self.converted_from} in {self.convert_seconds:.1f} s "
+                "(re-partitioned on load)"
+            )
         return (
             f"resume {self.load_dir / self.tag} at step {self.step}: saved on {self.saved_world_size} ranks "
             f"(ZeRO-{self.saved_zero_stage}), loading on {self.world_size} ranks (ZeRO-{self.zero_stage}) "

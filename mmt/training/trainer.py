@@ -166,12 +166,17 @@ class Trainer:
         resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
         self.resume_plan = None
         if self.resume_dir is not None:
-            # Same world size: DeepSpeed's files load as saved; another world size needs a universal checkpoint
-            # (`mmt ckpt to-universal`); anything that would not load exactly is refused here, before any work.
-            from mmt.ckpt.resume import check_resumable
+            # Same world size: DeepSpeed's files load as saved; another world size: rank 0 converts them to a
+            # universal checkpoint first; anything that would not load exactly is refused here, before any work.
+            from mmt.training.resume import plan_resume
 
-            self.resume_plan = check_resumable(
-                self.resume_dir, self.world, ds["zero_optimization"]["stage"], config=to_dict(cfg)
+            self.resume_plan = plan_resume(
+                self.resume_dir,
+                self.world,
+                self.rank,
+                ds["zero_optimization"]["stage"],
+                to_dict(cfg),
+                self.run_dir,
             )
             ds.setdefault("checkpoint", {}).update(self.resume_plan.ds_config_patch()["checkpoint"])
 
@@ -230,8 +235,10 @@ class Trainer:
 
     def _restore(self, plan: Any) -> None:
         from mmt.ckpt.resume import load_for_resume, mmt_client_state, rank_loader_state, rank_rng_state
+        from mmt.training.resume import drop_converted
 
         client = load_for_resume(self.engine, plan)
+        drop_converted(plan, self.rank)
         state = mmt_client_state(client)
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
