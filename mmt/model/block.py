@@ -52,6 +52,20 @@ class TransformerBlock(nn.Module):
             x = x + self.drop(self.cross(self.norm_cross(x), context, context_mask, cache=cross_cache))
         return x + self.drop(self.ffn(self.norm2(x)))
 
+    def forward_flops(self, n: int, context_len: int = 0) -> float:
+        """Forward FLOPs (2 per multiply-add) for n tokens: each linear layer on the length it really sees (the
+        cross-attention keys/values on the context), plus the attention products of the kind."""
+        kv = self.cross.kv if self.cross is not None else None
+        total = sum(
+            2.0 * mod.weight.numel() * (context_len if mod is kv else n)
+            for mod in self.modules()
+            if isinstance(mod, nn.Linear)
+        )
+        total += self.attn.forward_flops(n)
+        if self.cross is not None:
+            total += self.cross.forward_flops(n, context_len)
+        return total
+
 
 class Tower(nn.Module):
     """Positional encoding + ``depth`` blocks + a final norm over an already embedded sequence."""
@@ -100,10 +114,4 @@ class Tower(nn.Module):
 
     def forward_flops(self, n: int, context_len: int = 0) -> float:
         """Training FLOPs (forward + backward = 3x forward) of this tower for one sequence of n tokens."""
-        matmul_params = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
-        fwd = 2.0 * matmul_params * n
-        for blk in self.blocks:
-            fwd += blk.attn.forward_flops(n)
-            if blk.cross is not None:
-                fwd += blk.cross.forward_flops(n, context_len)
-        return 3.0 * fwd
+        return 3.0 * sum(blk.forward_flops(n, context_len) for blk in self.blocks)

@@ -44,9 +44,17 @@ class Fusion(nn.Module):
         raise NotImplementedError
 
     def forward_flops(self, tokens: dict[str, int]) -> float:
-        """Training FLOPs for one sample with ``tokens[m]`` tokens per modality (estimate: 6 x params x tokens)."""
-        params = sum(p.numel() for p in self.parameters())
-        return 6.0 * params * max(1, sum(tokens.values()))
+        """Training FLOPs (3 x forward) for one sample with ``tokens[m]`` tokens per modality: every matmul on the
+        length it really sees (checked against torch's FLOP counter in the tests)."""
+        raise NotImplementedError
+
+    def memory_len(self, tokens: dict[str, int]) -> int:
+        """Length of the memory sequence the decoder cross-attends to."""
+        raise NotImplementedError
+
+    def given(self, tokens: dict[str, int]) -> list[str]:
+        """The modalities a pass fuses (the keys of ``tokens``), in the fusion's order."""
+        return [m for m in self.modalities if m in tokens]
 
 
 def _present(mask: torch.Tensor) -> torch.Tensor:
@@ -70,6 +78,13 @@ class ConcatFusion(Fusion):
             x = blk(x, mask=mask)
         return FusionOutput(x, mask, self.pool(x, mask))
 
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        n = sum(tokens[m] for m in self.given(tokens))
+        return 3.0 * (sum(blk.forward_flops(n) for blk in self.blocks) + self.pool.forward_flops(n))
+
+    def memory_len(self, tokens: dict[str, int]) -> int:  # noqa: D102
+        return sum(tokens[m] for m in self.given(tokens))
+
 
 class _PooledFusion(Fusion):
     """Base of the strategies that first pool each modality to one vector (attentional pooling)."""
@@ -82,6 +97,12 @@ class _PooledFusion(Fusion):
         vecs = [self.pools[m](x, mask) for m, (x, mask) in inputs.items()]
         present = torch.stack([_present(mask) for _, mask in inputs.values()], dim=1)  # (B, M)
         return vecs, present
+
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        return 3.0 * sum(self.pools[m].forward_flops(tokens[m]) for m in self.given(tokens))
+
+    def memory_len(self, tokens: dict[str, int]) -> int:  # noqa: D102
+        return len(self.given(tokens))
 
 
 @FUSION.register("sum")
@@ -112,6 +133,10 @@ class GatedFusion(_PooledFusion):
         memory = memory * gates[..., None]
         return FusionOutput(memory, present, memory.sum(dim=1))
 
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        gate = sum(2.0 * m.weight.numel() for m in self.gate if isinstance(m, nn.Linear))
+        return super().forward_flops(tokens) + 3.0 * gate * len(self.given(tokens))
+
 
 @FUSION.register("cross_attention")
 class CrossAttentionFusion(Fusion):
@@ -139,6 +164,17 @@ class CrossAttentionFusion(Fusion):
         x = torch.cat([x for x, _ in state.values()], dim=1)
         mask = torch.cat([m for _, m in state.values()], dim=1)
         return FusionOutput(x, mask, self.pool(x, mask))
+
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        n = sum(tokens[m] for m in self.given(tokens))
+        fwd = self.pool.forward_flops(n)
+        if len(self.given(tokens)) > 1:
+            for layer in self.layers:
+                fwd += sum(layer[m].forward_flops(tokens[m], n - tokens[m]) for m in self.given(tokens))
+        return 3.0 * fwd
+
+    def memory_len(self, tokens: dict[str, int]) -> int:  # noqa: D102
+        return sum(tokens[m] for m in self.given(tokens))
 
 
 @FUSION.register("bottleneck")
@@ -178,6 +214,16 @@ class BottleneckFusion(Fusion):
         mask = torch.cat([m for _, m in state.values()] + [z_mask], dim=1)
         return FusionOutput(x, mask, self.pool(z, z_mask))
 
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        nz = self.bottleneck.shape[0]
+        fwd = self.pool.forward_flops(nz)
+        for layer in self.layers:
+            fwd += sum(layer[m].forward_flops(tokens[m] + nz) for m in self.given(tokens))
+        return 3.0 * fwd
+
+    def memory_len(self, tokens: dict[str, int]) -> int:  # noqa: D102
+        return sum(tokens[m] for m in self.given(tokens)) + self.bottleneck.shape[0]
+
 
 @FUSION.register("tensor")
 class TensorFusion(_PooledFusion):
@@ -207,6 +253,14 @@ class TensorFusion(_PooledFusion):
             prod = (prod[:, :, None] * z1[:, None, :]).flatten(1)
         fused = self.out(prod)
         return FusionOutput(fused[:, None], torch.ones(b, 1, dtype=torch.bool, device=fused.device), fused)
+
+    def forward_flops(self, tokens: dict[str, int]) -> float:  # noqa: D102
+        heads = sum(2.0 * self.reduce[m].weight.numel() for m in self.given(tokens))
+        heads += 2.0 * self.out.weight.numel()
+        return super().forward_flops(tokens) + 3.0 * heads
+
+    def memory_len(self, tokens: dict[str, int]) -> int:  # noqa: D102
+        return 1
 
 
 def build_fusion(cfg: FusionConfig, spec: ModelConfig, modalities: list[str]) -> Fusion:

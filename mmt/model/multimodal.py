@@ -183,25 +183,45 @@ class MultiModalModel(nn.Module):
     def flops_per_sample(self) -> dict[str, float]:
         """Training FLOPs (forward + backward) for one sample at the configured maximum lengths, per part.
 
-        6 x (matmul parameters) x tokens plus the attention score/value products of each attention kind: the
-        usual estimate behind MFU numbers (Kaplan et al. 2020; PaLM appendix B).
+        Every matmul counted on the length it really sees (2 FLOPs per multiply-add, backward = 2 x forward, as
+        behind MFU numbers: Kaplan et al. 2020; PaLM appendix B): the towers' linear layers and attention
+        products, the input projections, the contrastive pools and projections (``pools``), the fusion of all
+        towers (``fusion``, what VQA runs), the VQA head and the decoder with its own fusion pass over the non-text
+        towers and its tied LM head. Checked against `torch.utils.flop_counter` in the tests.
         """
         tokens = self.tokens_per_sample()
         flops: dict[str, float] = {}
         for m, enc in self.encoders.items():
-            embed_params = sum(
-                p.numel()
-                for n, p in enc.named_parameters()
-                if not n.startswith("tower.") and "token_embedding" not in n
+            inputs = sum(
+                mod.weight.numel()
+                for name, mod in enc.named_modules()
+                if isinstance(mod, nn.Linear | nn.Conv2d) and not name.startswith("tower.")
             )
-            flops[m] = enc.tower.forward_flops(tokens[m]) + 6.0 * embed_params * tokens[m]
-        if self.fusion is not None:
-            flops["fusion"] = self.fusion.forward_flops(tokens)
-        if self.decoder is not None:
-            mem = sum(t for m, t in tokens.items() if m != "text")
+            flops[m] = enc.tower.forward_flops(tokens[m]) + 6.0 * inputs * tokens[m]
+        if self.contrastive is not None and self.pools is not None:
+            flops["pools"] = sum(
+                3.0 * self.pools[m].forward_flops(tokens[m]) + 6.0 * self.contrastive.proj[m].weight.numel()
+                for m in self.modalities
+            )
+        if self.fusion is not None and self.to_fusion is not None:
+            to_fusion = sum(
+                6.0 * mod.weight.numel() * tokens[m]
+                for m, mod in self.to_fusion.items()
+                if isinstance(mod, nn.Linear)
+            )
+            flops["fusion"] = self.fusion.forward_flops(tokens) + to_fusion
+        if self.vqa is not None:
+            flops["vqa"] = sum(
+                6.0 * mod.weight.numel() for mod in self.vqa.modules() if isinstance(mod, nn.Linear)
+            )
+        if self.decoder is not None and self.fusion is not None:
+            # Captioning fuses the non-text towers in a pass of its own (the memory), counted here.
+            memory_tokens = {m: t for m, t in tokens.items() if m != "text"}
             n = self.decoder.cfg.max_len
             flops["decoder"] = (
-                self.decoder.tower.forward_flops(n, mem) + 6.0 * self.decoder.embedding.weight.numel() * n
+                self.fusion.forward_flops(memory_tokens)
+                + self.decoder.tower.forward_flops(n, self.fusion.memory_len(memory_tokens))
+                + 6.0 * self.decoder.embedding.weight.numel() * n
             )
         flops["total"] = sum(flops.values())
         return flops

@@ -28,6 +28,14 @@ class AttentionPool(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_queries(x, mask).mean(dim=1)
 
+    def forward_flops(self, n: int) -> float:
+        """Forward FLOPs over n tokens: query and output projections of the queries, keys/values of the tokens,
+        and the attention products."""
+        q, d = self.queries.shape
+        a = self.attn
+        linear = 2.0 * q * (a.q.weight.numel() + a.proj.weight.numel()) + 2.0 * n * a.kv.weight.numel()
+        return linear + a.forward_flops(q, n)
+
 
 @POOLING.register("mean")
 class MeanPool(nn.Module):
@@ -40,6 +48,9 @@ class MeanPool(nn.Module):
         w = mask.to(x.dtype)[..., None]
         return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
 
+    def forward_flops(self, n: int) -> float:
+        return 0.0  # no matmul
+
 
 @POOLING.register("first")
 class FirstTokenPool(nn.Module):
@@ -50,6 +61,9 @@ class FirstTokenPool(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return x[:, 0]
+
+    def forward_flops(self, n: int) -> float:
+        return 0.0
 
 
 def build_pool(kind: str, dim: int, heads: int, num_queries: int = 1) -> nn.Module:

@@ -68,7 +68,7 @@ class Task:
 
     def flops_parts(self) -> list[str]:
         """Keys of ``model.flops_per_sample()`` this task's step computes (for MFU)."""
-        return self.encoder_modalities()
+        return [*self.encoder_modalities(), "pools"]
 
     def flops_per_sample(self, model_flops: dict[str, float]) -> float:
         return float(sum(model_flops.get(k, 0.0) for k in self.flops_parts()))
@@ -109,7 +109,7 @@ class VQATask(Task):
     name = "vqa"
 
     def flops_parts(self) -> list[str]:
-        return [*self.encoder_modalities(), "fusion"]
+        return [*self.encoder_modalities(), "fusion", "vqa"]
 
     def check_model(self) -> None:
         if self.model_cfg.heads.vqa_answers <= 0:
@@ -142,7 +142,7 @@ class CaptioningTask(Task):
         return [m for m in self.model_cfg.modalities() if m != "text"]
 
     def flops_parts(self) -> list[str]:
-        return [*self.encoder_modalities(), "fusion", "decoder"]
+        return [*self.encoder_modalities(), "decoder"]  # "decoder" includes its fusion pass
 
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
         if FEATURE_KEY["text"] not in batch:
