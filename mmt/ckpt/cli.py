@@ -59,58 +59,69 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--world-size", type=int, required=True)
     s.add_argument("--zero-stage", type=int, required=True)
     s.add_argument("--tag")
+
+    for s in sub.choices.values():
+        s.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="unpickle the files fully: may run code stored in them (only for checkpoints whose maker you "
+            "trust); default: tensors and the classes DeepSpeed checkpoints hold, anything else refused",
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from mmt.ckpt.torchio import checkpoint_loading
+
     try:
-        if args.cmd == "inspect":
-            from mmt.ckpt.inspect import format_summary, inspect_checkpoint
-
-            info = inspect_checkpoint(args.dir, args.tag)
-            print(json.dumps(info, indent=2, default=str) if args.json else format_summary(info))
-            return 0 if info.get("complete") else 1
-        if args.cmd == "convert":
-            from mmt.ckpt.convert import convert_checkpoint
-
-            only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
-            res = convert_checkpoint(
-                args.dir,
-                args.out,
-                tag=args.tag,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                only=only,
-                config=args.config,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-            print(
-                f"wrote {res.num_tensors} tensors ({res.total_bytes:,} bytes, step {res.step}) to {res.out_dir}: "
-                + ", ".join(res.files)
-            )
-            return 0
-        if args.cmd in ("to-universal", "reshard"):
-            from mmt.ckpt.universal import to_universal
-
-            res = to_universal(
-                args.dir, args.out, tag=args.tag, overwrite=args.overwrite, workers=args.workers
-            )
-            print(
-                f"universal checkpoint of step {res.step} (saved on {res.source_world_size} ranks) at {res.tag_dir}; "
-                f"resume from {res.run_dir} on any world size"
-            )
-            return 0
-        if args.cmd == "check-resume":
-            from mmt.ckpt.resume import check_resumable
-
-            plan = check_resumable(
-                args.dir, world_size=args.world_size, zero_stage=args.zero_stage, tag=args.tag
-            )
-            print(plan.describe())
-            return 0
+        with checkpoint_loading(args.trust_checkpoint):
+            return _run(args)
     except (CheckpointError, ValueError) as e:
         print(f"mmt ckpt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "inspect":
+        from mmt.ckpt.inspect import format_summary, inspect_checkpoint
+
+        info = inspect_checkpoint(args.dir, args.tag)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_summary(info))
+        return 0 if info.get("complete") else 1
+    if args.cmd == "convert":
+        from mmt.ckpt.convert import convert_checkpoint
+
+        only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+        res = convert_checkpoint(
+            args.dir,
+            args.out,
+            tag=args.tag,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            only=only,
+            config=args.config,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        print(
+            f"wrote {res.num_tensors} tensors ({res.total_bytes:,} bytes, step {res.step}) to {res.out_dir}: "
+            + ", ".join(res.files)
+        )
+        return 0
+    if args.cmd in ("to-universal", "reshard"):
+        from mmt.ckpt.universal import to_universal
+
+        res = to_universal(args.dir, args.out, tag=args.tag, overwrite=args.overwrite, workers=args.workers)
+        print(
+            f"universal checkpoint of step {res.step} (saved on {res.source_world_size} ranks) at {res.tag_dir}; "
+            f"resume from {res.run_dir} on any world size"
+        )
+        return 0
+    if args.cmd == "check-resume":
+        from mmt.ckpt.resume import check_resumable
+
+        plan = check_resumable(args.dir, world_size=args.world_size, zero_stage=args.zero_stage, tag=args.tag)
+        print(plan.describe())
+        return 0
     return 2

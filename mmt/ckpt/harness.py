@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     if plan is not None:
         from mmt.ckpt.resume import load_for_resume, rank_rng_state
+        from mmt.ckpt.torchio import checkpoint_loading
 
-        client = load_for_resume(engine, plan)
+        with checkpoint_loading(False):  # like the trainer: DeepSpeed's own loads go through the allow-list
+            client = load_for_resume(engine, plan)
         step = int(client["step"])
         state = rank_rng_state(client, rank)
         if state is not None:

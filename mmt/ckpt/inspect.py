@@ -17,6 +17,7 @@ from mmt.ckpt.layout import (
     resolve_tag_dir,
 )
 from mmt.ckpt.reader import ZeroCheckpoint
+from mmt.ckpt.torchio import UntrustedCheckpointError
 
 
 def _tag_status(tag_dir: Path) -> str:
@@ -56,6 +57,8 @@ def inspect_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[
         return info
     try:
         ck = ZeroCheckpoint(tag_dir, require_meta=False)
+    except UntrustedCheckpointError:  # not a damaged folder to describe: a file that must not be opened
+        raise
     except CheckpointError as e:
         info.update({"complete": False, "error": str(e)})
         if meta:

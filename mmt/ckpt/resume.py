@@ -25,6 +25,7 @@ from typing import Any
 
 from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.modelcheck import diff_dicts
+from mmt.ckpt.torchio import check_files, load_pt
 
 
 @dataclass
@@ -90,6 +91,8 @@ def check_resumable(
         if diffs:
             shown = "; ".join(f"model.{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:6])
             raise CheckpointError(f"{tag_dir / META_FILE}: trained with a different model config: {shown}")
+    # DeepSpeed unpickles these itself during engine.load_checkpoint: vet every one of them now, before it starts.
+    check_files(sorted(tag_dir.rglob("*.pt")))
     step = int(meta.get("step", -1))
     universal = bool(meta.get("universal")) or (tag_dir / "zero").is_dir()
 
@@ -169,7 +172,7 @@ def _fix_zero3_universal_load(engine: Any, plan: ResumePlan) -> None:
     import torch
 
     path = plan.load_dir / plan.tag / "zero" / "optimizer_state.pt"
-    saved_sd = torch.load(path, map_location="cpu", weights_only=False)
+    saved_sd = load_pt(path, mmap=False)
     saved = saved_sd.get("param_groups")
     zero_opt = engine.optimizer
     groups = zero_opt.optimizer.param_groups

@@ -35,6 +35,7 @@ from mmt.ckpt.layout import (
     write_meta,
 )
 from mmt.ckpt.reader import ZeroCheckpoint
+from mmt.ckpt.torchio import TRUST_FLAG, check_files, trusted
 
 
 @dataclass
@@ -56,6 +57,7 @@ def to_universal(
 ) -> UniversalResult:
     """Convert the checkpoint at ``path`` (run dir, ``checkpoints/`` or tag folder) into the run folder ``out``."""
     ck = ZeroCheckpoint(path, tag)  # validates: complete, every rank's file present and consistent
+    check_files(sorted(ck.dir.glob("*.pt")))  # DeepSpeed's converter unpickles every one: vet them first
     out = Path(out)
     if ck.stage == 0:
         raise CheckpointError(
@@ -85,6 +87,8 @@ def to_universal(
     ]
     if ck.stage in (1, 2):
         cmd.append("--inject_missing_state")
+    if trusted():
+        cmd.append(TRUST_FLAG)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

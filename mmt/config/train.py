@@ -134,6 +134,11 @@ class TrainConfig:
         "",
         doc="comma-separated towers (text,image,audio) or name prefixes to take from init_weights ('': all)",
     )
+    trust_checkpoint: bool = cfg_field(
+        False,
+        doc="load the resume checkpoint and init_weights with full pickle (may run code stored in the files); "
+        "false: only tensors and the classes DeepSpeed checkpoints hold",
+    )
 
     # Preemption: signals set a flag; at the next step boundary every rank saves and the run exits.
     preempt_signals: str = cfg_field(

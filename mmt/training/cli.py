@@ -79,6 +79,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--output", default="", help="also write the metrics JSON here")
     p.add_argument("--mlflow", action="store_true", help="log the metrics into the checkpoint's MLflow run")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint fully (may run code stored in it); default: tensors and DeepSpeed's classes only",
+    )
     args, extra = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, _split_overrides(args, extra))
@@ -90,7 +95,12 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     try:
         metrics = evaluate_checkpoint(
-            cfg, args.checkpoint, output=args.output, log_mlflow=args.mlflow, source=args.config
+            cfg,
+            args.checkpoint,
+            output=args.output,
+            log_mlflow=args.mlflow,
+            source=args.config,
+            trust_checkpoint=args.trust_checkpoint,
         )
     except ConfigError as e:
         print(f"mmt eval: config error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
+from mmt.ckpt.torchio import check_files, checkpoint_loading, load_pt
 from mmt.config import Config
 from mmt.training import distributed as D
 from mmt.training.checkpoint import CheckpointError, find_checkpoint, read_meta
@@ -22,17 +23,19 @@ from mmt.training.tasks import build_task
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint folder written by `CheckpointManager`."""
+    """Full fp32 weights of a checkpoint folder written by `CheckpointManager` (run it inside
+    `checkpoint_loading`: DeepSpeed's reader unpickles the files itself)."""
     meta = read_meta(tag_dir)
     if meta is None:
         raise CheckpointError(
             f"{tag_dir}: not a complete mmt checkpoint (no mmt_meta.json with complete: true)"
         )
+    check_files(sorted(tag_dir.glob("*.pt")))  # before DeepSpeed's reader unpickles them
     if int(meta.get("zero_stage", 0)) == 0:
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise CheckpointError(f"{tag_dir}: no mp_rank_*_model_states.pt")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        state = load_pt(files[0])
         return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -40,9 +43,17 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def evaluate_checkpoint(
-    cfg: Config, checkpoint: str, output: str = "", log_mlflow: bool = False, source: str = "config"
+    cfg: Config,
+    checkpoint: str,
+    output: str = "",
+    log_mlflow: bool = False,
+    source: str = "config",
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any] | None:
-    """Metrics of ``checkpoint`` on ``cfg.data.val_urls`` (returned on rank 0, None elsewhere)."""
+    """Metrics of ``checkpoint`` on ``cfg.data.val_urls`` (returned on rank 0, None elsewhere).
+
+    ``trust_checkpoint`` (or ``train.trust_checkpoint``) unpickles the files fully; otherwise a file naming a
+    class outside `mmt.ckpt.torchio`'s allow-list is refused before anything in it runs."""
     import deepspeed
 
     import mmt
@@ -55,7 +66,9 @@ def evaluate_checkpoint(
             raise CheckpointError(f"{checkpoint}: no complete checkpoint")
         meta = read_meta(tag_dir) or {}
         model = mmt.create_model(cfg.model)
-        missing, unexpected = model.load_state_dict(consolidated_state_dict(tag_dir), strict=False)
+        with checkpoint_loading(trust_checkpoint or t.trust_checkpoint):
+            weights = consolidated_state_dict(tag_dir)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(
                 f"{tag_dir}: weights do not fit model config {source} (missing {missing[:5]}, "

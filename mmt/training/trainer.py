@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
+from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
@@ -170,14 +171,15 @@ class Trainer:
             # universal checkpoint first; anything that would not load exactly is refused here, before any work.
             from mmt.training.resume import plan_resume
 
-            self.resume_plan = plan_resume(
-                self.resume_dir,
-                self.world,
-                self.rank,
-                ds["zero_optimization"]["stage"],
-                to_dict(cfg),
-                self.run_dir,
-            )
+            with checkpoint_loading(t.trust_checkpoint):
+                self.resume_plan = plan_resume(
+                    self.resume_dir,
+                    self.world,
+                    self.rank,
+                    ds["zero_optimization"]["stage"],
+                    to_dict(cfg),
+                    self.run_dir,
+                )
             ds.setdefault("checkpoint", {}).update(self.resume_plan.ds_config_patch()["checkpoint"])
 
         # Model: identical initial weights on every rank, then per-rank random streams.
@@ -188,7 +190,8 @@ class Trainer:
         if self.resume_dir is None and t.init_weights:
             from mmt.ckpt.pretrained import init_weights
 
-            init_weights(model, t.init_weights, t.init_weights_only)
+            with checkpoint_loading(t.trust_checkpoint):
+                init_weights(model, t.init_weights, t.init_weights_only)
         self.task: Task = build_task(cfg.model, t)
         if t.activation_checkpointing:
             from mmt.training.activation_checkpointing import apply_activation_checkpointing
@@ -237,7 +240,8 @@ class Trainer:
         from mmt.ckpt.resume import load_for_resume, mmt_client_state, rank_loader_state, rank_rng_state
         from mmt.training.resume import drop_converted
 
-        client = load_for_resume(self.engine, plan)
+        with checkpoint_loading(self.cfg.train.trust_checkpoint):  # DeepSpeed unpickles the files itself
+            client = load_for_resume(self.engine, plan)
         drop_converted(plan, self.rank)
         state = mmt_client_state(client)
         self.step = int(state["step"])
