@@ -21,10 +21,19 @@ from mmt.ckpt.torchio import UntrustedCheckpointError
 
 
 def _tag_status(tag_dir: Path) -> str:
+    """mmt's saves: their ``mmt_meta.json``; any other DeepSpeed checkpoint: whether its own files check out."""
+    if (tag_dir / "zero").is_dir():
+        return "universal checkpoint"
     try:
         meta = read_meta(tag_dir)
     except CheckpointError:
-        return "incomplete (no mmt_meta.json)"
+        try:
+            ck = ZeroCheckpoint(tag_dir, require_meta=False)
+        except CheckpointError as e:
+            return f"incomplete ({e})"
+        if ck.made_by_mmt:
+            return "incomplete (no mmt_meta.json)"
+        return "complete (DeepSpeed checkpoint: every rank's files present and consistent)"
     return "complete" if meta.get("complete") is True else "incomplete (complete != true)"
 
 
@@ -80,14 +89,17 @@ def inspect_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[
             "files": sorted(p.name for p in tag_dir.iterdir() if p.is_file()),
             "deepspeed_version": ck.model_state.get("ds_version"),
             "mlflow_run_id": None if meta is None else meta.get("mlflow_run_id"),
-            "complete": meta is not None and meta.get("complete") is True,
+            "complete": (meta is not None and meta.get("complete") is True) or not ck.made_by_mmt,
+            "made_by": "mmt" if ck.made_by_mmt else "DeepSpeed (no mmt_meta.json)",
             "universal": False,
             "notes": ck.notes,
             "config": ck.config,
         }
     )
-    if meta is None:
+    if meta is None and ck.made_by_mmt:
         info["error"] = info.get("meta_error")
+    else:
+        info.pop("meta_error", None)
     return info
 
 
@@ -137,6 +149,7 @@ def format_summary(info: dict[str, Any]) -> str:
         ("zero_stage", "ZeRO stage"),
         ("world_size", "world size"),
         ("dtype", "dtype"),
+        ("made_by", "written by"),
     ):
         if info.get(key) is not None:
             lines.append(f"  {label}: {info[key]}")

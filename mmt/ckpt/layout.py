@@ -113,6 +113,11 @@ def resolve_tag_dir(path: str | os.PathLike, tag: str | None = None) -> tuple[Pa
         tag = read_latest(root)
         if tag is None:
             tags = list_tags(root)
+            if not tags:
+                raise CheckpointError(
+                    f"{p}: not a DeepSpeed checkpoint: no DeepSpeed model state files (*_model_states.pt) here or "
+                    f"in a tag folder below, and no {LATEST_FILE} file"
+                )
             raise CheckpointError(
                 f"{root / LATEST_FILE}: missing; name a tag (tags here: {', '.join(tags) or 'none'})"
             )

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mmt.ckpt.layout import CheckpointError, read_meta, resolve_tag_dir
+from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.torchio import load_pt
 
 OPTIM = "optimizer_state_dict"
@@ -93,8 +93,40 @@ def _partition_numel(numel: int, world: int) -> int:
     return math.ceil(numel / world)
 
 
+def written_by_mmt(model_state: dict[str, Any], root: Path) -> bool:
+    """Whether a tag folder without ``mmt_meta.json`` is an interrupted mmt save rather than another program's.
+
+    mmt's trainer puts its client state under ``mmt`` (the test harness: ``rng_states`` + ``mlflow_run_id``), and
+    a run's other tags carry ``mmt_meta.json``; a plain DeepSpeed checkpoint has neither.
+    """
+    if isinstance(model_state.get("mmt"), dict) or {"rng_states", "mlflow_run_id"} <= set(model_state):
+        return True
+    return any((d / META_FILE).is_file() for d in root.iterdir() if d.is_dir())
+
+
+def _optimizer_steps(optim: dict[str, Any]) -> tuple[float, ...]:
+    """The optimizer's per-group step counts stored in one rank's ZeRO file (empty before the first step)."""
+    inner = optim.get("optimizer_state_dict", optim.get("base_optimizer_state"))
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if not isinstance(state, dict):
+        return ()
+    out = []
+    for s in state.values():
+        v = s.get("step") if isinstance(s, dict) else None
+        if v is not None:
+            out.append(float(v))
+    return tuple(out)
+
+
 class ZeroCheckpoint:
-    """One tag folder of a DeepSpeed checkpoint in mmt's layout, validated and readable tensor by tensor."""
+    """One tag folder of a DeepSpeed ZeRO checkpoint, validated and readable tensor by tensor.
+
+    Two kinds of folders are accepted. mmt's own saves are complete only once ``mmt_meta.json`` (written last, after
+    every rank finished) says so; one without it is an interrupted save and is refused. A checkpoint written by
+    any other DeepSpeed program has no such marker, so its completeness is judged from DeepSpeed's own files:
+    every rank's model and optimizer states present and loadable, all from the same save (world size, step and
+    parameter shapes agree) and the partitions holding exactly what the parameter shapes need.
+    """
 
     def __init__(
         self,
@@ -111,16 +143,21 @@ class ZeroCheckpoint:
         self.meta: dict[str, Any] | None
         try:
             self.meta = read_meta(self.dir)
-        except CheckpointError:
-            if require_meta:
-                raise
-            self.meta = None
+            meta_error = None
+        except CheckpointError as e:
+            self.meta, meta_error = None, e
         if self.meta is not None and self.meta.get("complete") is not True:
             raise CheckpointError(
                 f"{self.dir / 'mmt_meta.json'}: complete is not true; the save did not finish"
             )
         self._discover()
+        self.made_by_mmt = self.meta is not None or written_by_mmt(self.model_state, self.root)
+        if self.made_by_mmt and self.meta is None and require_meta:
+            raise meta_error  # type: ignore[misc]
+        self._check_same_save()
         self._build_entries()
+        if self.stage == 3:
+            self._check_stage3_span()
 
     # ---------------------------------------------------------------- discovery and validation
     def _discover(self) -> None:
@@ -287,8 +324,9 @@ class ZeroCheckpoint:
                     self._check_group_span(g, off)
         for name in buffer_names:
             if name in module:
-                t = module[name]
-                entries[name] = Entry(name, tuple(t.shape), t.dtype, "buffer")
+                t = module[name]  # float buffers come out in fp32, as DeepSpeed's zero_to_fp32 gives them
+                dt = torch.float32 if t.is_floating_point() else t.dtype
+                entries[name] = Entry(name, tuple(t.shape), dt, "buffer")
         for name, src in shared.items():
             if src in entries:
                 e = entries[src]
@@ -330,6 +368,35 @@ class ZeroCheckpoint:
         for k in params:
             entries[k] = Entry(k, tuple(module[k].shape), torch.float32, "module")
 
+    def _check_same_save(self) -> None:
+        """ZeRO-3 keeps one model states file per rank: each must load and describe the same save as rank 0's."""
+        if self.stage != 3:
+            return
+        ms0 = self.model_state
+        want = {
+            "global_steps": ms0.get("global_steps"),
+            "dp_world_size": ms0.get("dp_world_size"),
+            "param_shapes": [list(dict(g).items()) for g in ms0.get("param_shapes") or []],
+        }
+        for f in self.model_files[1:]:
+            ms = load_pt(f)
+            if not isinstance(ms, dict) or "module" not in ms:
+                raise CheckpointError(f"{f}: not a DeepSpeed model states file (no 'module')")
+            have = {
+                "global_steps": ms.get("global_steps"),
+                "dp_world_size": ms.get("dp_world_size"),
+                "param_shapes": [list(dict(g).items()) for g in ms.get("param_shapes") or []],
+            }
+            for k in want:
+                if have[k] != want[k]:
+                    shown = (have[k], want[k]) if k != "param_shapes" else ("other shapes", "")
+                    raise CheckpointError(
+                        f"{f}: {k} {shown[0]}"
+                        + (f", rank 0 has {shown[1]}" if shown[1] != "" else " than rank 0's")
+                        + ": files from different saves are mixed in this folder"
+                    )
+            del ms
+
     def _alignment_paddings(self) -> list[list[int]] | None:
         return load_pt(self.optim_files[0])[OPTIM].get("param_alignment_paddings")
 
@@ -339,7 +406,8 @@ class ZeroCheckpoint:
             self._lengths: list[list[int]] = []
             return
         key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
-        lengths = []
+        lengths: list[list[int]] = []
+        steps: list[tuple[float, ...]] = []
         for f in self.optim_files:
             o = load_pt(f)[OPTIM]
             st = int(o.get("zero_stage", -1))
@@ -356,7 +424,14 @@ class ZeroCheckpoint:
             if key not in o:
                 raise CheckpointError(f"{f}: no {key}: not a ZeRO-{self.stage} optimizer file")
             lengths.append([int(t.numel()) for t in o[key]])
+            steps.append(_optimizer_steps(o))
             del o
+        if any(st != steps[0] for st in steps):
+            r = next(r for r, st in enumerate(steps) if st != steps[0])
+            raise CheckpointError(
+                f"{self.optim_files[r]}: optimizer step {list(steps[r])[:1]}, rank 0's is {list(steps[0])[:1]}: "
+                "files from different saves are mixed in this folder"
+            )
         self._lengths = lengths
         self._flat_key = key
 
@@ -425,8 +500,6 @@ class ZeroCheckpoint:
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in checkpoint order: fp32 for parameters, the stored dtype for buffers."""
         wanted = list(self.entries) if names is None else names
-        if self.stage == 3:
-            self._check_stage3_span()
         reader = _FlatReader(self.optim_files, getattr(self, "_flat_key", ""), self.read_budget)
         frozen_frags: dict[int, dict[str, torch.Tensor]] = {}
         cache: dict[str, torch.Tensor] = {}
@@ -453,7 +526,7 @@ class ZeroCheckpoint:
     ) -> torch.Tensor:
         module = self.model_state["module"]
         if e.kind == "buffer":
-            return module[e.name].clone()
+            return module[e.name].to(e.dtype, copy=True)
         if e.kind == "module":
             src = self._stage0_fp32[e.name] if self._stage0_fp32 is not None else module[e.name]
             return src.float().clone()

@@ -66,7 +66,17 @@ def to_universal(
         )
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    meta = read_meta(ck.dir)
+    meta = (
+        read_meta(ck.dir)
+        if ck.meta is not None
+        else {  # another program's DeepSpeed checkpoint: record what its own files say
+            "step": ck.step,
+            "world_size": ck.world_size,
+            "zero_stage": ck.stage,
+            "dtype": ck.dtype,
+            "config": None,
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
