@@ -294,29 +294,29 @@ def test_best_run_and_checkpoint(store, capsys):
 def test_errors_name_the_culprit(store, capsys):
     uri = ["--tracking-uri", store.uri]
     rc, _, err = _run_cli(capsys, "compare", store.softmax.run_id, "0123456789abcdef0123456789abcdef", *uri)
-    assert rc == 1 and "0123456789abcdef0123456789abcdef" in err and "not found" in err
+    assert rc == 2 and "0123456789abcdef0123456789abcdef" in err and "not found" in err
     for argv in (
         ["list", "--experiment", "no-such-exp"],
         ["compare", "--experiment", "no-such-exp"],
         ["best", "--experiment", "no-such-exp", "--metric", "train/loss"],
     ):
         rc, _, err = _run_cli(capsys, *argv, *uri)
-        assert rc == 1 and "'no-such-exp' not found" in err and "cmp" in err, argv
+        assert rc == 2 and "'no-such-exp' not found" in err and "cmp" in err, argv
     rc, _, err = _run_cli(capsys, "compare", "--experiment", "cmp", "--filter", "params.x ==== 1", *uri)
-    assert rc == 1 and "--filter" in err
+    assert rc == 2 and "--filter" in err
     rc, _, err = _run_cli(capsys, "compare", store.softmax.run_id, "--metrics", "val/nope", *uri)
-    assert rc == 1 and "'val/nope'" in err
+    assert rc == 2 and "'val/nope'" in err
     rc, _, err = _run_cli(capsys, "best", "--experiment", "cmp", "--metric", "val/nope", *uri)
-    assert rc == 1 and "'val/nope'" in err
+    assert rc == 2 and "'val/nope'" in err
     rc, _, err = _run_cli(capsys, "compare", *uri)
-    assert rc == 1 and "RUN_ID" in err
+    assert rc == 2 and "RUN_ID" in err
 
 
 def test_missing_default_store_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     rc, _, err = _run_cli(capsys, "list")
-    assert rc == 1 and str(tmp_path.resolve() / "mlflow.db") in err
+    assert rc == 2 and str(tmp_path.resolve() / "mlflow.db") in err
     assert not (tmp_path / "mlflow.db").exists()  # no empty store created by looking
 
 

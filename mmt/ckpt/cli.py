@@ -7,10 +7,21 @@ import json
 import sys
 
 from mmt.ckpt.layout import CheckpointError
+from mmt.cliargs import ArgumentParser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmt ckpt", description=__doc__)
+    p = ArgumentParser(prog="mmt ckpt", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser(
@@ -56,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-resume", help="can this checkpoint resume on WORLD_SIZE ranks at ZeRO stage N?")
     s.add_argument("dir")
-    s.add_argument("--world-size", type=int, required=True)
-    s.add_argument("--zero-stage", type=int, required=True)
+    s.add_argument("--world-size", type=_positive_int, required=True, help="ranks of the resuming run")
+    s.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), required=True)
     s.add_argument("--tag")
 
     for s in sub.choices.values():

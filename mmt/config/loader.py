@@ -30,14 +30,26 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _KINDS: dict[type, tuple[str, ...]] = {Config: ("run",), MultiModalConfig: ("model",)}
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _one_line(e: Exception) -> str:
+    """A parser error as one line with its position (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or e}"
+    return " ".join(str(e).split())
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; a missing, unreadable or unparsable file is a `ConfigError` naming it."""
     if not path.is_file():
         raise ConfigError(str(path), "<file>", "no such config file")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), "<file>", f"cannot read: {e}") from e
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(str(path), "<file>", f"cannot parse: {e}") from e
+        raise ConfigError(str(path), "<file>", f"cannot parse: {_one_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -55,7 +67,7 @@ def _expand_includes(
         sub = _section_type(schema, key) if key in fields else None
         if sub is not None and isinstance(value, str) and value.endswith(_CONFIG_SUFFIXES):
             inc = (base_dir / value).resolve()
-            value = _expand_includes(_read_file(inc), sub, inc.parent, str(inc), f"{prefix}{key}.")
+            value = _expand_includes(read_config_file(inc), sub, inc.parent, str(inc), f"{prefix}{key}.")
         elif sub is not None and isinstance(value, dict):
             value = _expand_includes(value, sub, base_dir, source, f"{prefix}{key}.")
         out[key] = value
@@ -110,7 +122,7 @@ def load_config(
     file_source = str(path) if path is not None else "<defaults>"
     if path is not None:
         p = resolve_config(path, _KINDS.get(schema, ("model", "run")))
-        data = _expand_includes(_read_file(p), schema, p.resolve().parent, str(p))
+        data = _expand_includes(read_config_file(p), schema, p.resolve().parent, str(p))
         node = _merge(node, data, str(p))
         _to_object(node, str(p), schema)
     # Types are checked as each override merges; values and cross-field rules once all are in, so the order of

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
+from mmt.cliargs import ArgumentParser
 from mmt.data.build.process import TASKS, ProcessOptions
 from mmt.data.media import RESIZE_MODES
 
@@ -103,14 +105,42 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from mmt.data import storage
     from mmt.data.stats import format_stats, shard_stats
 
-    stats = shard_stats(storage.expand(args.url), args.endpoint_url, args.max_samples)
+    urls = storage.expand(args.url)
+    if not urls:
+        print(f"mmt shards stats: {args.url!r} names no shard", file=sys.stderr)
+        return 2
+    stats = shard_stats(urls, args.endpoint_url, args.max_samples)
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
-    return 0 if stats["samples"] else 1
+    if stats["errors"]:
+        # The report above covers only what could be read: say so, naming the first culprit.
+        more = f" (and {len(stats['errors']) - 1} more)" if len(stats["errors"]) > 1 else ""
+        print(f"mmt shards stats: unreadable data: {stats['errors'][0]}{more}", file=sys.stderr)
+        return 2
+    if not stats["samples"]:
+        print(f"mmt shards stats: no samples in {args.url}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mmt.data import storage
     from mmt.data.build.demo import build_demo
 
+    if not 0.0 < args.val_fraction < 1.0:
+        print(
+            f"mmt shards demo: --val-fraction {args.val_fraction}: expected a fraction in (0, 1)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.max_samples_per_shard < 1:
+        print(
+            f"mmt shards demo: --max-samples-per-shard {args.max_samples_per_shard}: expected >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    if not storage.is_remote(args.out) and os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"mmt shards demo: {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
     info = build_demo(
         args.out,
         val_fraction=args.val_fraction,
@@ -129,31 +159,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Write ``<shard>.idx.json`` sidecars for shards made by other tools (img2dataset, ShardWriter, tar)."""
-    import os
     import tempfile
 
     from mmt.data import storage
     from mmt.data.schema import INDEX_SUFFIX
     from mmt.data.tarindex import scan_file
 
+    urls = storage.expand(args.url)
+    if not urls:
+        print(f"mmt shards index: {args.url!r} names no shard", file=sys.stderr)
+        return 2
     bad = 0
-    for url in storage.expand(args.url):
+    for url in urls:
         with tempfile.TemporaryDirectory() as tmp:
             local = url
-            if storage.is_remote(url):
-                local = os.path.join(tmp, "shard.tar")
-                storage.download(url, local, args.endpoint_url)
-            index = scan_file(local, url)
+            try:
+                if storage.is_remote(url):
+                    local = os.path.join(tmp, "shard.tar")
+                    storage.download(url, local, args.endpoint_url)
+                index = scan_file(local, url)
+            except OSError as e:
+                print(f"mmt shards index: {url}: cannot read: {e.strerror or e}", file=sys.stderr)
+                bad += 1
+                continue
+        if index.errors:
+            # A sidecar would claim the shard is whole: write none and name the damage.
+            print(f"mmt shards index: {index.errors[0]}; no index written", file=sys.stderr)
+            bad += 1
+            continue
         storage.write_bytes(index.to_json().encode(), url + INDEX_SUFFIX, args.endpoint_url)
-        print(
-            f"{url}: {len(index.samples)} samples" + (f"; {'; '.join(index.errors)}" if index.errors else "")
-        )
-        bad += bool(index.errors)
-    return 1 if bad else 0
+        print(f"{url}: {len(index.samples)} samples")
+    return 2 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmt shards", description=__doc__)
+    parser = ArgumentParser(prog="mmt shards", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _build_parser(sub)
     p = sub.add_parser("stats", help="counts, sizes, modality coverage and histograms of shards")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from mmt.cliargs import ArgumentParser
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmt model", description=__doc__)
+    parser = ArgumentParser(prog="mmt model", description=__doc__)
     parser.add_argument(
         "config",
         help="a shipped model name (tiny_tri, base_tri, ...), a model YAML/JSON file or a run config",

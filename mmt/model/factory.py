@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
-from mmt.config.loader import load_config
+from mmt.config.loader import load_config, read_config_file
 from mmt.config.model import MultiModalConfig
 from mmt.config.named import resolve_config
 from mmt.config.root import Config
@@ -16,10 +16,8 @@ from mmt.model.multimodal import MultiModalModel
 
 def load_model_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MultiModalConfig:
     """A model file (its top level is the model section) or a full run config (it has a ``model:`` section)."""
-    import yaml
-
     p = resolve_config(path, ("model", "run"))
-    head = yaml.safe_load(p.read_text()) or {}
+    head = read_config_file(p)
     if isinstance(head, dict) and "model" in head and isinstance(head["model"], (dict, str)):
         return load_config(
             p, [f"model.{o}" if not o.startswith("model.") else o for o in overrides], Config

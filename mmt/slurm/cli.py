@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
+from mmt.cliargs import ArgumentParser
 from mmt.config import ConfigError
 from mmt.slurm.template import TemplateError
 
@@ -37,7 +39,7 @@ _FLAGS = {
 
 
 def _submit_parser() -> argparse.ArgumentParser:
-    s = argparse.ArgumentParser(
+    s = ArgumentParser(
         prog="mmt slurm submit", description="render the sbatch template for CONFIG and submit it"
     )
     s.add_argument("config", help="experiment config (YAML/JSON)")
@@ -59,7 +61,7 @@ def _submit_parser() -> argparse.ArgumentParser:
 
 
 def _wait_parser() -> argparse.ArgumentParser:
-    w = argparse.ArgumentParser(
+    w = ArgumentParser(
         prog="mmt slurm wait",
         description="poll a job until it (every array task) is finished; exit 0 if COMPLETED",
     )
@@ -104,6 +106,16 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _wait(args: argparse.Namespace) -> int:
     from mmt.slurm.scontrol import wait_for_jobs
+
+    if not re.fullmatch(r"\d+(_\d+)?", args.job_id):
+        print(
+            f"mmt slurm wait: {args.job_id!r} is not a Slurm job id (digits, or JOB_TASK for an array task)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.timeout > 0:
+        print(f"mmt slurm wait: --timeout {args.timeout}: expected seconds > 0", file=sys.stderr)
+        return 2
 
     infos = wait_for_jobs(args.job_id, args.timeout, poll=2.0)
     for i in infos:

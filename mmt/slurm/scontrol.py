@@ -43,9 +43,8 @@ def run_slurm(args: list[str], timeout: float = 60) -> str:
     exe = slurm_command(args[0])
     proc = subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise SlurmError(
-            f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise SlurmError(f"{' '.join(args)} failed ({proc.returncode}): {'; '.join(x.strip() for x in said)}")
     return proc.stdout
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
+from mmt.cliargs import ArgumentParser
 from mmt.tracking.runs import (
     TAG_CHECKPOINT_DIR,
     TAG_RUN_DIR,
@@ -50,14 +52,12 @@ def _metric_list(text: str | None) -> list[str] | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db like `mmt train`)",
     )
-    p = argparse.ArgumentParser(
-        prog="mmt runs", description="List and compare MLflow runs logged by mmt train."
-    )
+    p = ArgumentParser(prog="mmt runs", description="List and compare MLflow runs logged by mmt train.")
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", parents=[common], help="recent runs: status, duration, steps, key metrics")
@@ -292,7 +292,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mmt runs`; returns the exit code (0 ok, 1 user error, 2 usage error)."""
+    """Entry point of `mmt runs`; returns the exit code (0 ok, 2 bad input: usage, unknown runs or metrics, an
+    unreadable store), with one line on stderr naming the culprit."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:
@@ -302,11 +303,20 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except RunsError as e:
         print(f"mmt runs {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except MlflowException as e:
         uri = resolve_tracking_uri(args.tracking_uri)
-        print(f"mmt runs {args.command}: MLflow error at {uri}: {e.message}", file=sys.stderr)
-        return 1
+        print(
+            f"mmt runs {args.command}: MLflow error at {uri}: {' '.join(e.message.split())}", file=sys.stderr
+        )
+        return 2
+    except SQLAlchemyError as e:  # a file that is not an MLflow database
+        uri = resolve_tracking_uri(args.tracking_uri)
+        print(
+            f"mmt runs {args.command}: cannot read the MLflow store at {uri}: {getattr(e, 'orig', None) or e}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 
+from mmt.cliargs import ArgumentParser
 from mmt.config import ConfigError, load_config
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument(
         "config", help="run config (YAML/JSON file or shipped name), e.g. demo, configs/train/demo.yaml"
     )

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,12 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+from mmt.cliargs import ArgumentParser
 from mmt.config.named import CONFIG_DIR
 
 DEMO_CONFIG = CONFIG_DIR / "train" / "demo.yaml"  # package data: found from a wheel install too
 
 
+class DemoError(ValueError):
+    """Bad demo input, reported as one line before anything is built or launched."""
+
+
 def _ensure_data(data_dir: Path) -> dict:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DemoError(f"--data {data_dir}: exists and is not a folder")
     info_path = data_dir / "demo.json"
     if not info_path.is_file():
         from mmt.data.build.demo import build_demo
@@ -34,7 +40,18 @@ def _ensure_data(data_dir: Path) -> dict:
             flush=True,
         )
         build_demo(str(data_dir))
-    return json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+        if not isinstance(info, dict):
+            raise TypeError(f"expected an object, got {type(info).__name__}")
+        for key in ("train_urls", "val_urls"):
+            if not isinstance(info.get(key), str):
+                raise KeyError(f"no {key!r}")
+    except (ValueError, TypeError, KeyError) as e:
+        raise DemoError(
+            f"{info_path}: not a demo dataset description ({e}); remove {data_dir} to rebuild it"
+        ) from e
+    return info
 
 
 def _launch_command(launcher: str, nproc: int, config: Path, overrides: list[str]) -> list[str]:
@@ -78,7 +95,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmt demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="mmt demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/demo", help="demo dataset folder (built when missing)")
     p.add_argument("--run-dir", default="", help="run folder (default: runs/demo-<date>-<time>)")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks)")
@@ -93,17 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.time()
-    data_dir = Path(args.data).resolve()
-    info = _ensure_data(data_dir)
+    if args.nproc < 1:
+        print(f"mmt demo: --nproc {args.nproc}: expected >= 1", file=sys.stderr)
+        return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/demo-{stamp}").resolve()
-    overrides = [
-        f"data.train_urls={info['train_urls']}",
-        f"data.val_urls={info['val_urls']}",
-        f"train.run_dir={run_dir}",
-        f"tracking.run_name={run_dir.name}",
-        *args.overrides,
-    ]
+    run_overrides = [f"train.run_dir={run_dir}", f"tracking.run_name={run_dir.name}", *args.overrides]
+    from mmt.config import ConfigError, load_config
+
+    try:
+        # The config and every override are checked here, before a dataset is built or ranks are launched.
+        load_config(args.config, run_overrides)
+        info = _ensure_data(Path(args.data).resolve())
+    except ConfigError as e:
+        print(f"mmt demo: config error: {e}", file=sys.stderr)
+        return 2
+    except DemoError as e:
+        print(f"mmt demo: {e}", file=sys.stderr)
+        return 2
+    overrides = [f"data.train_urls={info['train_urls']}", f"data.val_urls={info['val_urls']}", *run_overrides]
     nproc = 1 if args.launcher == "none" else args.nproc
     cmd = _launch_command(args.launcher, nproc, Path(args.config), overrides)
     env = dict(os.environ)
