@@ -4,7 +4,7 @@
 #
 #   bash slurm/local_cluster.sh start [--nodes N] [--ssh]   # install (Debian/Ubuntu, as root) when missing,
 #                                                           # configure, start, wait until every node is idle
-#   eval "$(bash slurm/local_cluster.sh env)"   # point sbatch/squeue/scontrol (and pdsh) at it
+#   eval "$(bash slurm/local_cluster.sh env)"   # point sbatch/squeue/scontrol at it (exports SLURM_CONF)
 #   bash slurm/local_cluster.sh status
 #   bash slurm/local_cluster.sh exec node2 CMD ...     # run CMD on a node (its network, hostname, hosts file)
 #   bash slurm/local_cluster.sh kill-node node2        # lose a node: SIGKILL its slurmd, job steps and ranks
@@ -17,8 +17,9 @@
 # MMT_CLUSTER_NET.(10+K), joined to the bridge by a veth pair. A holder process per node owns the node's UTS
 # namespace (hostname nodeK) and mount namespace (a hosts file naming every node bind-mounted on /etc/hosts), so
 # `scontrol show hostnames` output works as MASTER_ADDR on every node. slurmd (-N nodeK, own spool, pid and log
-# files) and, with --ssh, an sshd (host key and a client key made for the cluster; for the deepspeed launcher's
-# pdsh mode) are started inside those namespaces with nsenter. One munged serves every node (shared filesystem).
+# files) and, with --ssh, an sshd (host key and a client key made for the cluster, named in the nodes' own
+# /etc/ssh/ssh_config, so `ssh node2` and pdsh work from every node: the deepspeed launcher's pdsh mode) are
+# started inside those namespaces with nsenter. One munged serves every node (shared filesystem).
 # Note: not `ip netns exec` (it remounts /sys; slurmd then finds no cgroup filesystem).
 #
 # No systemd: munged runs as the munge user, slurmctld, slurmd and sshd as root, all started here. Config,
@@ -193,11 +194,13 @@ write_hosts() {
 
 # A process that keeps node $1's hostname and hosts file (its UTS and mount namespaces) for the daemons.
 start_holder() {
-    local n="$1" pidf="$state/holder-$1.pid"
+    local n="$1" pidf="$state/holder-$1.pid" ssh_conf=""
     pid_alive "$pidf" && return 0
+    # With --ssh, the node's ssh client config names the cluster key: plain `ssh nodeK` (and pdsh) work.
+    [ "$ssh" = 1 ] && ssh_conf="mount --bind '$state/ssh/ssh_config' /etc/ssh/ssh_config &&"
     as_root nsenter --net="/var/run/netns/$(node_ns "$n")" \
         unshare --uts --mount --propagation private \
-        sh -c "hostname $n && mount --bind '$state/hosts' /etc/hosts && echo \$\$ > '$pidf.tmp' && \
+        sh -c "hostname $n && mount --bind '$state/hosts' /etc/hosts && $ssh_conf echo \$\$ > '$pidf.tmp' && \
                mv '$pidf.tmp' '$pidf' && exec sleep infinity" </dev/null >/dev/null 2>&1 &
     for _ in $(seq 50); do pid_alive "$pidf" && return 0; sleep 0.05; done
     die "node $n: its namespace holder did not start"
@@ -214,10 +217,6 @@ start_slurmd_on() {
     in_node "$1" slurmd -f "$conf" -N "$1"
 }
 
-ssh_opts() {
-    echo "-i $state/ssh/id_ed25519 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
-}
-
 start_sshd_on() {
     pid_alive "$state/sshd-$1.pid" && return 0
     in_node "$1" /usr/sbin/sshd -h "$state/ssh/host_key" -o "ListenAddress=$(node_addr "$1")" \
@@ -230,7 +229,16 @@ setup_ssh() {
     [ -s "$state/ssh/host_key" ] || ssh-keygen -q -t ed25519 -N '' -C mmt-local-host -f "$state/ssh/host_key"
     [ -s "$state/ssh/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C mmt-local-cluster -f "$state/ssh/id_ed25519"
     cp "$state/ssh/id_ed25519.pub" "$state/ssh/authorized_keys"
-    as_root mkdir -p /run/sshd
+    cat > "$state/ssh/ssh_config" <<EOF
+# Bind-mounted on /etc/ssh/ssh_config inside the nodes of the local cluster only.
+Host *
+    IdentityFile $state/ssh/id_ed25519
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+    LogLevel ERROR
+EOF
+    as_root mkdir -p /run/sshd /etc/ssh
+    [ -e /etc/ssh/ssh_config ] || touch /etc/ssh/ssh_config
 }
 
 wait_ssh() {
@@ -238,7 +246,7 @@ wait_ssh() {
     for n in $(node_names); do
         for _ in $(seq 100); do
             # shellcheck disable=SC2046
-            [ "$(in_node node1 ssh $(ssh_opts) -o ConnectTimeout=2 "$n" hostname 2>/dev/null)" = "$n" ] && continue 2
+            [ "$(in_node node1 ssh -o ConnectTimeout=2 "$n" hostname 2>/dev/null)" = "$n" ] && continue 2
             sleep 0.1
         done
         die "sshd on $n does not answer (ssh $n from node1)"
@@ -300,6 +308,7 @@ start() {
     if [ "$nodes" -gt 1 ]; then
         start_network
         write_hosts
+        [ "$ssh" = 0 ] || setup_ssh
         for n in $(node_names); do start_holder "$n"; done
     fi
     if ! pid_alive "$state/slurmctld.pid"; then
@@ -311,7 +320,6 @@ start() {
     else
         for n in $(node_names); do start_slurmd_on "$n"; done
         if [ "$ssh" = 1 ]; then
-            setup_ssh
             for n in $(node_names); do start_sshd_on "$n"; done
             wait_ssh
         fi
@@ -352,10 +360,13 @@ stop() {
         done
         scontrol shutdown >/dev/null 2>&1 || true
     fi
-    for f in "$state"/slurmd*.pid "$state/slurmctld.pid" "$state"/sshd-*.pid; do
+    for f in "$state"/slurmd*.pid "$state/slurmctld.pid"; do  # they exit on `scontrol shutdown`
         [ -e "$f" ] || continue
         for _ in $(seq 50); do pid_alive "$f" || break; sleep 0.2; done
         kill_pidfile "$f"
+    done
+    for f in "$state"/sshd-*.pid; do
+        [ -e "$f" ] && kill_pidfile "$f"
     done
     # A multi-node cluster's namespaces and links, found by name (also those a crashed start left). Whatever still
     # runs inside a node (a step stuck in a rendezvous outlives `scontrol shutdown`) is killed first: a namespace
@@ -421,9 +432,6 @@ status() {
 env_lines() {
     load_layout
     echo "export SLURM_CONF=$conf"
-    if [ "$ssh" = 1 ]; then
-        echo "export PDSH_RCMD_TYPE=ssh PDSH_SSH_ARGS_APPEND='$(ssh_opts)'"
-    fi
 }
 
 action="${1:-}"

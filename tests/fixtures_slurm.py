@@ -154,3 +154,86 @@ def kill_rank(job_id: str, rank_env: str, rank: int) -> int:
             os.kill(pid, signal.SIGKILL)
             return pid
     raise LookupError(f"job {job_id}: no process with {rank_env}={rank}")
+
+
+# ---------------------------------------------------------------------------------------------------- multi-node
+@dataclass(frozen=True)
+class MultiNodeCluster(SlurmCluster):
+    """A cluster of ``nodes`` network namespaces (node1..nodeN) with sshd in each (``local_cluster.sh --ssh``)."""
+
+    nodes: int
+    env: dict
+
+    def script(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``local_cluster.sh ARGS`` for this cluster (exec / kill-node / revive-node), checked."""
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, f"local_cluster.sh {' '.join(args)}: {proc.stderr[-2000:]}"
+        return proc
+
+    def on_node(self, node: str, cmd: list[str], **popen) -> subprocess.Popen:
+        """Start ``cmd`` on ``node`` (its network, hostname and hosts file), in its own process group."""
+        return subprocess.Popen(
+            ["bash", str(SCRIPT), "exec", node, *cmd], env=self.env, start_new_session=True, **popen
+        )
+
+    def leftovers(self) -> list[str]:
+        """What a stopped cluster must not leave behind: namespaces, links, daemons of its state folder."""
+        out = []
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        out += [f"netns {x.split()[0]}" for x in netns.splitlines() if x.startswith("mmt-node")]
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        out += [
+            f"link {name}"
+            for name in (x.split(": ")[1].split("@")[0] for x in links.splitlines())
+            if re.fullmatch(r"mmt-(v\d+|br0)", name)
+        ]
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if d.name.isdigit() and str(self.state_dir) in cmd and re.search(r"slurm|sshd|sleep", cmd):
+                out.append(f"process {d.name}: {cmd[:120]}")
+        return out
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeCluster]:
+    """A 3-node cluster with sshd for one test module; SLURM_CONF points at it while the module runs.
+
+    Slurm declares a node DOWN after 10 s without an answer here (SlurmdTimeout), so a lost node is noticed
+    within a test's time."""
+    state = tmp_path_factory.mktemp("slurm_multinode")
+    env = {
+        **os.environ,
+        "MMT_SLURM_DIR": str(state),
+        "MMT_SLURMCTLD_PORT": str(_free_port()),
+        "MMT_SLURMD_PORT": str(_free_port()),
+        "MMT_SLURMD_TIMEOUT": "10",
+    }
+    cluster = MultiNodeCluster(state / "slurm.conf", state, 3, env)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "start", "--nodes", "3", "--ssh"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+    )
+    old_conf = os.environ.get("SLURM_CONF")
+    try:
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"local 3-node Slurm cluster did not start ({proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        yield cluster
+    finally:
+        _run_script("stop", env, 120)
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf
+    left = cluster.leftovers()
+    assert not left, f"the stopped cluster left: {left}"

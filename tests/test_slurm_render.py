@@ -82,7 +82,9 @@ def test_dry_run_4_nodes_8_gpus(config, tmp_path, capsys, monkeypatch):
     assert "#SBATCH --array" not in out
     # srun launch: 32 ranks, one per GPU, head node from scontrol, the run dir's copy of the config.
     srun = out[out.index("srun --kill-on-bad-exit=1") :].split(" &\n")[0]
-    assert "--nodes=4 --ntasks=32" in srun and "--ntasks-per-node=8" in srun
+    # The node count is the allocation's (a --nodes=min-max job may get fewer), so the rank count follows it.
+    assert 'nnodes="${SLURM_JOB_NUM_NODES}"' in lines
+    assert '--nodes="${nnodes}" --ntasks="$((nnodes * 8))"' in srun and "--ntasks-per-node=8" in srun
     assert re.search(r"python\S* -m mmt\.cli train \"\$\{config\}\"$", srun), srun
     assert "torch.distributed.run" not in out
     assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
@@ -112,9 +114,10 @@ def test_dry_run_torchrun_mode(config, capsys, monkeypatch):
     assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --gpus-per-node=8" in lines
     assert "#SBATCH --signal=B:TERM@180" in lines and "trap forward_signal TERM" in lines
     launch = out[out.index("srun --kill-on-bad-exit=1") :].split(" &\n")[0]
-    assert "--nodes=4 --ntasks=4 --ntasks-per-node=1" in launch
+    assert '--nodes="${nnodes}" --ntasks="${nnodes}" --ntasks-per-node=1' in launch
     for part in (
-        "-m torch.distributed.run --nnodes=4 --nproc-per-node=8",
+        '-m torch.distributed.run --nnodes="${nnodes}" --nproc-per-node=8',
+        "--rdzv-conf=join_timeout=300",
         "--rdzv-backend=c10d",
         '--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}"',
         '--rdzv-id="${SLURM_JOB_ID}"',
@@ -140,6 +143,8 @@ def test_dry_run_cpu_nodes_use_ntasks_per_node(config, capsys, monkeypatch):
         "3",
         "--signal",
         "SIGHUP",
+        "--min-nodes",
+        "1",
         capsys=capsys,
         monkeypatch=monkeypatch,
     )
@@ -148,8 +153,11 @@ def test_dry_run_cpu_nodes_use_ntasks_per_node(config, capsys, monkeypatch):
     assert not any("--gpus" in line for line in lines)
     assert "export OMP_NUM_THREADS=3" in lines
     assert "#SBATCH --signal=B:HUP@180" in lines
-    assert "--nodes=2 --ntasks=8" in out
+    assert "#SBATCH --nodes=1-2" in lines  # slurm.min_nodes: may run on 1 node when the other is lost
+    assert '--nodes="${nnodes}" --ntasks="$((nnodes * 4))"' in out
     _bash_syntax_ok(out)
+    with pytest.raises(ConfigError, match="slurm.min_nodes.*3 is more than slurm.nodes=2"):
+        plan_job(config, ["slurm.nodes=2", "slurm.min_nodes=3"])
 
 
 def test_submit_writes_resolved_config_with_resume_and_signal(config, tmp_path, monkeypatch):

@@ -35,7 +35,13 @@ def time_limit_seconds(spec: str) -> int | None:
 
 @dataclass
 class SlurmConfig:
-    nodes: int = cfg_field(1, doc="nodes to allocate", ge=1)
+    nodes: int = cfg_field(1, doc="nodes to allocate (the most, when min_nodes is set)", ge=1)
+    min_nodes: int = cfg_field(
+        0,
+        doc="fewest nodes the job may run on (sbatch --nodes=min_nodes-nodes); a requeued job then starts on "
+        "the nodes left after a node is lost and resumes on the smaller world size (0: exactly `nodes`)",
+        ge=0,
+    )
     gpus_per_node: int = cfg_field(
         0, doc="GPUs per node; one rank per GPU (0: CPU nodes, see ntasks_per_node)", ge=0
     )
@@ -74,6 +80,12 @@ class SlurmConfig:
     master_port: int = cfg_field(
         0, doc="rendezvous port on the head node (0: derived from the job id)", ge=0, le=65535
     )
+    rdzv_timeout_s: int = cfg_field(
+        300,
+        doc="torchrun launch: how long the node agents wait for every node to join the c10d rendezvous "
+        "(the ranks' collective timeout is train.dist_timeout_s)",
+        ge=1,
+    )
     python: str = cfg_field("", doc="interpreter the ranks run ('': the one running `mmt slurm submit`)")
     entry: str = cfg_field(
         "mmt.cli train",
@@ -98,6 +110,10 @@ class SlurmConfig:
                 source,
                 f"{prefix}signal_seconds",
                 f"{self.signal_seconds} s is not shorter than the time limit {self.time!r} ({limit} s)",
+            )
+        if self.min_nodes > self.nodes:
+            raise ConfigError(
+                source, f"{prefix}min_nodes", f"{self.min_nodes} is more than {prefix}nodes={self.nodes}"
             )
         for arg in self.sbatch_args:
             if not arg.startswith("-"):

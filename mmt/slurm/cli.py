@@ -1,6 +1,6 @@
 """`mmt slurm`: render the sbatch template for a config, and submit it (or print it with --dry-run).
 
-    mmt slurm submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--partition P --account A --qos Q
+    mmt slurm submit CONFIG [key=value ...] --nodes N [--min-nodes M] --gpus-per-node G [--partition P --account A --qos Q
                      --time T --launch srun|torchrun --signal USR1|TERM|HUP --sweep key=v1,v2 ... --dry-run]
     mmt slurm wait JOB_ID [--timeout S]
 
@@ -22,6 +22,7 @@ from mmt.slurm.template import TemplateError
 # flag -> slurm.* key; values are passed as YAML strings, except these integers.
 _FLAGS = {
     "nodes": int,
+    "min_nodes": int,
     "gpus_per_node": int,
     "ntasks_per_node": int,
     "cpus_per_task": int,

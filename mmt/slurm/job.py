@@ -146,10 +146,10 @@ def template_values(members: list[Member], job_dir: Path, workdir: Path, job_nam
     array = len(members) > 1
     return {
         "job_name": s.job_name or job_name,
-        "nodes": s.nodes,
+        "nodes": f"{s.min_nodes}-{s.nodes}" if s.min_nodes and s.min_nodes < s.nodes else s.nodes,
         "gpus_per_node": s.gpus_per_node,
         "procs_per_node": procs,
-        "world_size": s.nodes * procs,
+        "rdzv_timeout_s": s.rdzv_timeout_s,
         "sbatch_tasks_per_node": 1 if torchrun else procs,
         "sbatch_cpus_per_task": s.cpus_per_task * procs if torchrun else s.cpus_per_task,
         "cpus_per_task": s.cpus_per_task,

@@ -109,6 +109,9 @@ class Trainer:
         self.logger: Logger = NullLogger()
         self.step = 0
         self.samples_seen = 0
+        # [step, world size, hostnames] each time the run (re)started on another world size: node losses and
+        # regrowth under Slurm (slurm.min_nodes) show up here and in the tag mmt.world_sizes.
+        self.world_sizes: list[list] = []
 
     # ------------------------------------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -232,6 +235,7 @@ class Trainer:
 
         if self.resume_plan is not None:
             self._restore(self.resume_plan)
+        self._note_world_size()
         if self.rank == 0:
             clear_marker(self.run_dir)
             self._log_run_start()
@@ -246,6 +250,7 @@ class Trainer:
         state = mmt_client_state(client)
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
+        self.world_sizes = [list(x) for x in state.get("world_sizes") or [[0, plan.saved_world_size, ""]]]
         loader_state = rank_loader_state(client, self.rank)
         if loader_state is not None:
             self.train_loader.load_state_dict(loader_state)
@@ -260,6 +265,19 @@ class Trainer:
                 f"{plan.describe()}",
                 flush=True,
             )
+
+    def _note_world_size(self) -> None:
+        """Append this start to the world-size history when the world size differs from the last one."""
+        hosts = ",".join(sorted(set(self._hostnames)))
+        if self.world_sizes and self.world_sizes[-1][1] == self.world:
+            return
+        if self.world_sizes and self.rank == 0:
+            print(
+                f"mmt: world size changed from {self.world_sizes[-1][1]} to {self.world} ranks at step "
+                f"{self.step} (hosts {hosts}); global batch stays {self.plan.global_batch}",
+                flush=True,
+            )
+        self.world_sizes.append([self.step, self.world, hosts])
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -303,8 +321,11 @@ class Trainer:
                 "mmt.global_batch": str(self.plan.global_batch),
                 "mmt.micro_batch": str(self.plan.micro_batch),
                 "mmt.grad_accum": str(self.plan.grad_accum),
+                "mmt.world_sizes": format_world_sizes(self.world_sizes),
             }
         )
+        for step, world, *hosts in self.world_sizes:
+            tags[f"mmt.world_size.{step}"] = f"{world} ranks on {hosts[0] if hosts and hosts[0] else '?'}"
         if self.resume_dir is not None:
             tags["mmt.resumed_from"] = str(self.resume_dir)
         if self.ds_conflicts:
@@ -374,6 +395,7 @@ class Trainer:
                 "rng_states": rng,
                 "mlflow_run_id": self.run_id,
                 "world_size": self.world,
+                "world_sizes": self.world_sizes,
             }
         }
         meta = {
@@ -563,6 +585,14 @@ class Trainer:
             if hasattr(lg, "uri"):
                 return lg
         return None
+
+
+def format_world_sizes(history: list[list]) -> str:
+    """``[[0, 3, "node1,node2,node3"], [4, 2, "node1,node2"]]`` -> ``"0:3,4:2"`` (step:world size, in order).
+
+    The tag value: each entry is where the run (re)started on a different world size; the hosts of each
+    change are in the tags ``mmt.world_size.<step>``."""
+    return ",".join(f"{step}:{world}" for step, world, *_ in history)
 
 
 def train(cfg: Config, source: str = "config", **factories: Any) -> TrainResult:
