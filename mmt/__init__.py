@@ -8,8 +8,32 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from mmt.config.named import list_models, list_runs
+    from mmt.inference import (
+        InputError,
+        Waveform,
+        create_model_and_transforms,
+        get_tokenizer,
+        load_audio,
+        load_image,
+        topk_accuracy,
+        zero_shot_accuracy,
+        zero_shot_classifier,
+    )
     from mmt.model.factory import create_model
     from mmt.model.multimodal import MultiModalModel, MultiModalOutput
+
+
+_INFERENCE = (
+    "InputError",
+    "Waveform",
+    "create_model_and_transforms",
+    "get_tokenizer",
+    "load_audio",
+    "load_image",
+    "topk_accuracy",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +42,10 @@ def __getattr__(name: str) -> Any:
         from mmt.model.factory import create_model
 
         return create_model
+    if name in _INFERENCE:
+        from mmt import inference
+
+        return getattr(inference, name)
     if name in ("list_models", "list_runs"):
         from mmt.config import named
 
@@ -30,10 +58,19 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "InputError",
     "MultiModalModel",
     "MultiModalOutput",
+    "Waveform",
     "__version__",
     "create_model",
+    "create_model_and_transforms",
+    "get_tokenizer",
     "list_models",
     "list_runs",
+    "load_audio",
+    "load_image",
+    "topk_accuracy",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
 ]

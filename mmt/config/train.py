@@ -115,6 +115,14 @@ class TrainConfig:
     eval_max_batches: int = cfg_field(0, doc="cap on eval batches per rank (0: the whole held-out set)", ge=0)
     eval_batch: int = cfg_field(0, doc="samples per eval batch per rank (0: the training micro batch)", ge=0)
     caption_max_tokens: int = cfg_field(24, doc="captioning eval: greedy decode length", ge=1)
+    zero_shot_classes: list[str] = cfg_field(
+        default_factory=list,
+        doc="retrieval eval: class names for zero-shot accuracy of the samples' json 'label' (index) ([]: off)",
+    )
+    zero_shot_templates: list[str] = cfg_field(
+        default_factory=lambda: ["{c}"],
+        doc="retrieval eval: prompt templates ({c}: class name, {i}: its index), embeddings averaged per class",
+    )
     checkpoint_interval: int = cfg_field(
         0, doc="save a checkpoint every N steps (the last step always saves)", ge=0
     )

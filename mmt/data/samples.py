@@ -2,8 +2,8 @@
 
 The batch is the contract the trainer passes to the model: forward kwargs (``text_inputs``,
 ``text_attention_mask``, ``image_features``, ``audio_features``, ``audio_attention_mask``), ``keys``,
-``<modality>_present`` for every modality the model has (an absent row has zero data and an all-False mask) and,
-for VQA, ``answer_targets`` = min(1, count / 3) soft scores over the answer vocabulary. Captioning uses
+``<modality>_present`` for every modality the model has (an absent row has zero data and an all-False mask),
+``labels`` (the json ``label`` class index, -1 when absent: zero-shot evaluation) and, for VQA, ``answer_targets`` = min(1, count / 3) soft scores over the answer vocabulary. Captioning uses
 ``text_inputs`` / ``text_attention_mask`` as decoder input and targets.
 """
 
@@ -133,6 +133,9 @@ class SampleDecoder:
                 out["audio"] = self.audio(found[1], rng)
         if self.task == "vqa":
             out["answer_targets"] = soft_scores(answers_of(meta), self.vocab)
+        label = meta.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            out["label"] = label  # a class index (json "label"): zero-shot evaluation
         return out
 
 
@@ -195,6 +198,7 @@ class Collator:
                     mask[i, :n] = True
                     present[i] = True
             batch.update(audio_features=feats, audio_attention_mask=mask, audio_present=present)
+        batch["labels"] = torch.tensor([int(r.get("label", -1)) for r in rows], dtype=torch.long)
         if s.task == "vqa":
             targets = torch.zeros(b, s.num_answers)
             for i, r in enumerate(rows):

@@ -84,6 +84,10 @@ class AudioTransform:
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
         wav, sr = media.decode_audio(data)
+        return self.from_wave(wav, sr, rng)
+
+    def from_wave(self, wav: np.ndarray, sr: int, rng: np.random.Generator) -> torch.Tensor:
+        """The same transform from an already decoded mono waveform (the inference path's raw input)."""
         wav = media.resample(wav, sr, self.sample_rate)
         if wav.size > self.max_samples:
             start = 0

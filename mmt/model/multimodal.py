@@ -4,6 +4,7 @@ inheritance between them) from one `MultiModalConfig`. It knows nothing about de
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,17 @@ from mmt.model.spec import resolve_spec
 from mmt.text import build_tokenizer
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
+# forward argument names per tower: (inputs, attention mask)
+INPUT_KEYS = {
+    "text": ("text_inputs", "text_attention_mask"),
+    "image": ("image_features", "image_attention_mask"),
+    "audio": ("audio_features", "audio_attention_mask"),
+}
+
+
+def _is_raw(x: object) -> bool:
+    """Raw media (strings, PIL images, paths, numpy waveforms) rather than prepared tensors."""
+    return x is not None and not isinstance(x, torch.Tensor)
 
 
 @dataclass
@@ -37,6 +49,9 @@ class MultiModalModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.modalities = cfg.modalities()
+        # Turns raw inputs into tensors exactly as the training data pipeline does (`mmt.inference.Preprocess`);
+        # set by `mmt.create_model_and_transforms` with the training run's data settings, else made on first use.
+        self.preprocess: Any = None
         if not self.modalities:
             raise ValueError(
                 "the model has no tower: set at least one of model.text / model.image / model.audio"
@@ -93,6 +108,44 @@ class MultiModalModel(nn.Module):
             out.embeddings, out.logit_scale = self.contrastive(out.pooled, with_scale=True)
         return out
 
+    # ---- raw inputs and embeddings (inference) ---------------------------------------------------------------
+    def prepare(self, text: Any = None, image: Any = None, audio: Any = None) -> dict[str, torch.Tensor]:
+        """Forward kwargs from raw inputs: ``str | list[str]``, PIL images or image paths, numpy waveforms (at
+        ``model.audio.sample_rate``), `mmt.Waveform` or audio paths; on the model's device."""
+        if self.preprocess is None:
+            from mmt.inference.preprocess import Preprocess
+
+            self.preprocess = Preprocess(self.cfg)
+        device = next(self.parameters()).device
+        return {k: v.to(device) for k, v in self.preprocess.batch(text, image, audio).items()}
+
+    def _raw_to_tensors(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        raw = {m: kwargs[INPUT_KEYS[m][0]] for m in INPUT_KEYS if _is_raw(kwargs.get(INPUT_KEYS[m][0]))}
+        if not raw:
+            return kwargs
+        for m in raw:
+            if kwargs.get(INPUT_KEYS[m][1]) is not None:
+                raise ValueError(f"{INPUT_KEYS[m][1]} is made from the raw {m} input: do not pass one")
+        return {**kwargs, **self.prepare(**raw)}
+
+    def _embed(self, m: str, x: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.contrastive is None:
+            raise ValueError("the model has no contrastive head (heads.contrastive is false): no embeddings")
+        kw = self._raw_to_tensors({INPUT_KEYS[m][0]: x, INPUT_KEYS[m][1]: mask})
+        return self.encode({m: (kw[INPUT_KEYS[m][0]], kw.get(INPUT_KEYS[m][1]))}).embeddings[m]
+
+    def encode_text(self, text: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E) L2-normalised text embeddings of ``str | list[str]`` or token ids (+ mask)."""
+        return self._embed("text", text, attention_mask)
+
+    def encode_image(self, images: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E) L2-normalised image embeddings of PIL images, image paths or normalised pixel tensors."""
+        return self._embed("image", images, attention_mask)
+
+    def encode_audio(self, audio: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E) L2-normalised audio embeddings of waveforms, audio paths or prepared tensors (+ mask)."""
+        return self._embed("audio", audio, attention_mask)
+
     def fuse(self, out: MultiModalOutput, modalities: list[str]) -> FusionOutput:
         if self.fusion is None:
             raise ValueError("the model has no fusion (it needs heads.vqa_answers > 0 or a decoder)")
@@ -112,6 +165,20 @@ class MultiModalModel(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> MultiModalOutput:
+        """Tensors as the data loader makes them, or raw inputs (see `prepare`) for any tower."""
+        raw_free = self._raw_to_tensors(
+            {
+                "text_inputs": text_inputs,
+                "text_attention_mask": text_attention_mask,
+                "image_features": image_features,
+                "image_attention_mask": image_attention_mask,
+                "audio_features": audio_features,
+                "audio_attention_mask": audio_attention_mask,
+            }
+        )
+        text_inputs, text_attention_mask = raw_free["text_inputs"], raw_free["text_attention_mask"]
+        image_features, image_attention_mask = raw_free["image_features"], raw_free["image_attention_mask"]
+        audio_features, audio_attention_mask = raw_free["audio_features"], raw_free["audio_attention_mask"]
         given = {
             m: (x, mask)
             for m, x, mask in (

@@ -94,6 +94,23 @@ def _free_port() -> int:
     return free_port()
 
 
+def _zero_shot_lines(ev: dict, info: dict) -> list[str]:
+    """Zero-shot digit accuracy per modality beside the raw-feature nearest-centroid baseline."""
+    if not any(k.startswith("val/zero_shot_") for k in ev):
+        return []
+    from mmt.data.build.demo_baseline import nearest_centroid_accuracy
+
+    base = nearest_centroid_accuracy(info)
+    lines = ["  zero-shot digit classification (10 classes, chance 0.100; baseline: nearest class centroid)"]
+    for m, raw in (("image", "raw pixels"), ("audio", "raw spectra")):
+        if f"val/zero_shot_{m}_top1" in ev:
+            lines.append(
+                f"  {m:>5}: top-1 {ev[f'val/zero_shot_{m}_top1']:.3f}  top-5 {ev[f'val/zero_shot_{m}_top5']:.3f}"
+                f"   baseline on {raw} {base[m]:.3f}"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="mmt demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/demo", help="demo dataset folder (built when missing)")
@@ -166,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "val/recall_at_1" in ev:
         lines.append(f"  mean image<->text recall@1: {ev['val/recall_at_1']:.3f}")
+    lines += _zero_shot_lines(ev, info)
     train = final.get("train", {})
     if "train/loss" in train:
         lines.append(

@@ -97,16 +97,19 @@ def _eval_retrieval(engine, task, loader, device, dtype, max_batches) -> dict[st
             if FEATURE_KEY["text"] in kwargs and MASK_KEY["text"] in kwargs
             else None
         )
+        labels = batch.get("labels")
         for i, key in enumerate(batch["keys"]):
             rows.append(
                 {
                     "key": key,
                     "emb": {m: e[i].float().cpu() for m, e in out.embeddings.items() if bool(present[m][i])},
                     "group": groups[i] if groups is not None else key,
+                    "label": int(labels[i]) if labels is not None else -1,
                 }
             )
     rows = _gather_rows(rows)
     metrics: dict[str, float] = {"val/samples": float(len(rows))}
+    metrics.update(_zero_shot(engine, task, rows, device))
     r1 = []
     losses = []
     for anchor, other, _ in task.pairs():
@@ -130,6 +133,42 @@ def _eval_retrieval(engine, task, loader, device, dtype, max_batches) -> dict[st
     if losses:
         metrics["val/loss"] = sum(losses)
     return metrics
+
+
+def _zero_shot(engine: Any, task: Task, rows: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """``val/zero_shot_<m>_top1|top5``: each non-text embedding against the class prompts' mean text embedding
+    (CLIP prompt ensembling, `mmt.inference.zero_shot`), over the rows with a json ``label``. Every rank runs the
+    same prompt forwards (ZeRO-3 safe)."""
+    t, m_cfg = task.train_cfg, task.model_cfg
+    if not t.zero_shot_classes or "text" not in m_cfg.modalities():
+        return {}
+    from mmt.inference.zero_shot import fill, zero_shot_accuracy
+    from mmt.text import build_tokenizer
+
+    tok = build_tokenizer(m_cfg.text.tokenizer)
+    classes, templates = t.zero_shot_classes, t.zero_shot_templates
+    prompts = [
+        tok.encode(fill(tp, c, i), m_cfg.text.max_len) for i, c in enumerate(classes) for tp in templates
+    ]
+    ids = torch.full((len(prompts), max(map(len, prompts))), tok.pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        mask[i, : len(p)] = True
+    emb = engine(text_inputs=ids.to(device), text_attention_mask=mask.to(device)).embeddings["text"]
+    emb = torch.nn.functional.normalize(emb.float().cpu().view(len(classes), len(templates), -1), dim=-1)
+    classifier = torch.nn.functional.normalize(emb.mean(1), dim=-1).T
+    out: dict[str, float] = {}
+    for m in sorted({m for r in rows for m in r["emb"]} - {"text"}):
+        sel = [r for r in rows if m in r["emb"] and 0 <= r["label"] < len(classes)]
+        if not sel:
+            continue
+        acc = zero_shot_accuracy(
+            torch.stack([r["emb"][m] for r in sel]), torch.tensor([r["label"] for r in sel]), classifier
+        )
+        out[f"val/zero_shot_{m}_top1"], out[f"val/zero_shot_{m}_top5"] = acc[1], acc[5]
+    return out
 
 
 def _eval_vqa(engine, task, loader, device, dtype, max_batches) -> dict[str, float]:
