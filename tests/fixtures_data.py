@@ -18,6 +18,7 @@ def data_config(
     """The tiny tri-modal model + a ``data`` section; the shard cache lives under ``tmp_path``."""
     data.setdefault("cache_dir", str(tmp_path / "cache"))
     data.setdefault("num_workers", 0)
+    tmp_path.mkdir(parents=True, exist_ok=True)  # a sub-folder per simulated node is fine
     path = tmp_path / f"cfg-{task}.yaml"
     path.write_text(
         yaml.safe_dump(

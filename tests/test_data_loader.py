@@ -154,10 +154,12 @@ def test_resume_same_world_size_with_workers(tmp_path, shards):
         assert resumed.epoch == 1 and resumed.state_dict()["samples_consumed"] == 0
 
 
+@pytest.mark.parametrize("partitions", [0, 6])
 @pytest.mark.parametrize("new_world", [1, 3])
-def test_resume_on_a_different_world_size(tmp_path, shards, new_world):
-    """Saved at step 3 on 2 ranks, resumed on 1 or 3: the same global batches, no repeat, no gap."""
-    cfg = data_config(tmp_path, train_urls=shards["urls"])
+def test_resume_on_a_different_world_size(tmp_path, shards, new_world, partitions):
+    """Saved at step 3 on 2 ranks, resumed on 1 or 3: the same global batches, no repeat, no gap (global order,
+    and the partitioned order with 6 partitions)."""
+    cfg = data_config(tmp_path, train_urls=shards["urls"], partitions=partitions)
     g = 12
     full = _global_batches([build_train_loader(cfg, r, 2, g) for r in range(2)])
     before = [build_train_loader(cfg, r, 2, g) for r in range(2)]
@@ -172,6 +174,59 @@ def test_resume_on_a_different_world_size(tmp_path, shards, new_world):
     assert head + tail == full
     keys = sum(head + tail, [])
     assert len(keys) == len(set(keys)) == N
+
+
+def _shard(key: str) -> int:
+    return int(key.removeprefix("sample")) // PER_SHARD
+
+
+def test_partitioned_order_each_rank_reads_only_its_shards(tmp_path, shards):
+    """6 partitions, global batch 12: the global batches are the same on 1, 2 and 3 ranks; on W ranks each rank
+    reads 6/W whole shards (its partitions) and no other rank reads them; each epoch deals the shards anew."""
+    cfg = data_config(tmp_path, train_urls=shards["urls"], partitions=6)
+    by_world = {}
+    for w in (1, 2, 3):
+        loaders = [build_train_loader(cfg, r, w, 12) for r in range(w)]
+        by_world[w] = _global_batches(loaders)
+        per_rank = [
+            {_shard(k) for b in epoch_keys(ld) for k in b} for ld in loaders
+        ]  # epoch 1 (epoch 0 above)
+        assert sorted(s for p in per_rank for s in p) == list(range(N // PER_SHARD))  # disjoint, complete
+        assert all(len(p) == 6 // w for p in per_rank)
+    assert by_world[1] == by_world[2] == by_world[3]
+    batches = by_world[1]
+    assert sorted(sum(batches, [])) == shards["keys"] and all(len(b) == 12 for b in batches)
+    # global batch b = partitions 0..5, 2 samples each, every partition one shard
+    assert all(len({_shard(k) for k in b[2 * p : 2 * p + 2]}) == 1 for b in batches for p in range(6))
+    assert len({_shard(k) for b in batches for k in b}) == 6
+
+
+def test_partitioned_order_refuses_world_sizes_and_batches(tmp_path, shards):
+    cfg = data_config(tmp_path, train_urls=shards["urls"], partitions=6)
+    with pytest.raises(
+        Exception, match=r"world size 4 does not divide data.partitions=6: valid world sizes are 1, 2, 3, 6"
+    ):
+        build_train_loader(cfg, 0, 4, 12)
+    with pytest.raises(Exception, match=r"data.partitions: 6 does not divide the global batch 8"):
+        build_train_loader(cfg, 0, 2, 8)
+    many = data_config(tmp_path, train_urls=shards["urls"], partitions=12)
+    with pytest.raises(Exception, match=r"12 partitions need at least as many shards; .* has 6"):
+        build_train_loader(many, 0, 1, 12)
+    state = build_train_loader(cfg, 0, 1, 12).state_dict()
+    with pytest.raises(Exception, match="partitions was 6, now 0"):
+        build_train_loader(data_config(tmp_path, train_urls=shards["urls"]), 0, 1, 12).load_state_dict(state)
+
+
+def test_partitioned_order_balances_uneven_shards():
+    """Shards of different sizes are dealt out by sample count; the epoch ends at the shortest partition."""
+    from mmt.data.indexed import assign_partitions, partitioned_order
+
+    counts = np.array([30, 5, 5, 5, 5, 10, 10, 10, 20])
+    parts = assign_partitions(counts, 3, np.random.default_rng(0))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(9))
+    assert sorted(int(counts[p].sum()) for p in parts) == [30, 35, 35]
+    order = partitioned_order(counts, 0, 0, 3, 4, shard_window=2)
+    assert len(order) == 7 * 12 and len(set(order.tolist())) == len(order)  # 30 // 4 = 7 batches
 
 
 def test_resume_rejects_other_data(tmp_path, shards):

@@ -7,7 +7,9 @@ import json
 import os
 
 import pytest
+import torch
 
+from mmt.config import ConfigError
 from mmt.data import storage
 from mmt.data.cli import main as shards_main
 from mmt.data.faults import DataError
@@ -59,8 +61,12 @@ def test_workers_read_s3(tmp_path, s3_shards):
     """2 forkserver workers, each creating its own S3 filesystem lazily (s3fs is not fork-safe); they get the
     credentials of the parent even if the forkserver started before the variables were set."""
     cfg = data_config(tmp_path, train_urls=s3_shards["urls"], num_workers=2)
-    keys = sum(epoch_keys(build_train_loader(cfg, 0, 1, 12)), [])
+    loader = build_train_loader(cfg, 0, 1, 12)
+    keys = sum(epoch_keys(loader), [])
     assert sorted(keys) == KEYS
+    io = loader.io_stats()  # the workers' counts came back with the batches
+    assert io["shard_fetches"] == 4 and io["cache_hits"] + io["cache_misses"] == N
+    assert io["bytes_fetched"] == sum(loader.dataset.catalog.sizes)
     cfg = data_config(tmp_path, train_urls=s3_shards["urls"], loader="streaming", num_workers=2)
     keys = sum(epoch_keys(build_train_loader(cfg, 0, 1, 6)), [])
     assert sorted(keys) == KEYS
@@ -131,3 +137,73 @@ def test_cache_size_limit_with_shard_window(tmp_path, s3_shards):
     cache = tmp_path / "cache" / "shards"
     sizes = [p.stat().st_size for p in cache.iterdir() if p.suffix == ".tar"]
     assert max(sizes) < one_shard and sum(sizes) <= 2 * one_shard and len(sizes) <= 2
+
+
+@pytest.fixture
+def s3_eight_shards(s3_bucket) -> dict:  # noqa: F811
+    return write_synthetic_shards(f"{s3_bucket}/eight/", N, 6)
+
+
+def test_two_nodes_fetch_each_shard_once_per_epoch_under_a_small_cache(tmp_path, s3_eight_shards):
+    """4 partitions on 2 ranks, each rank a node with its own cache capped at 3 shards (it reads 2 at once): over
+    two epochs every shard is downloaded by exactly one of them per epoch, read ahead, evicted only after its
+    last read; a cap below the 2 shards read at once is refused with the minimum."""
+    urls = s3_eight_shards["urls"]
+    sizes = build_train_loader(data_config(tmp_path, train_urls=urls), 0, 1, 8).dataset.catalog.sizes
+    cap = 3 * max(sizes)
+    loaders = [
+        build_train_loader(
+            data_config(
+                tmp_path / f"node{r}", train_urls=urls, partitions=4, shard_window=1, cache_max_gb=cap / 1e9
+            ),
+            r,
+            2,
+            8,
+        )
+        for r in range(2)
+    ]
+    all_shards = {f"{urls.split('{')[0]}{i:06d}.tar" for i in range(8)}
+    for epoch in range(2):
+        per_rank = [epoch_keys(ld) for ld in loaders]
+        assert sorted(k for rank in per_rank for b in rank for k in b) == KEYS
+        read = [
+            {urls.split("{")[0] + f"{int(k[6:]) // 6:06d}.tar" for b in rank for k in b} for rank in per_rank
+        ]
+        assert read[0] | read[1] == all_shards and not read[0] & read[1]  # each shard read on one node
+        fetched = [ld.fetches_by_epoch[epoch] for ld in loaders]
+        assert all(n == 1 for f in fetched for n in f.values())  # never twice in an epoch: no thrash
+        assert all(set(f) <= r for f, r in zip(fetched, read))
+        if epoch == 0:
+            assert [set(f) for f in fetched] == read  # the first epoch starts with empty caches
+    for ld in loaders:
+        io = ld.io_stats()
+        assert io["cache_peak_bytes"] <= cap and io["cache_evictions"] > 0
+        assert io["bytes_fetched"] <= sum(sizes)  # half of the data per epoch, not all of it
+    small = data_config(
+        tmp_path, train_urls=urls, partitions=4, shard_window=1, cache_max_gb=max(sizes) / 1e9
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.cache_max_gb: .* cannot hold the 2 shards this node reads at once"
+    ):
+        build_train_loader(small, 0, 2, 8)
+    full_permutation = data_config(tmp_path, train_urls=urls, cache_max_gb=cap / 1e9)
+    with pytest.raises(ConfigError, match=r"cannot hold the 8 shards"):  # would refetch a shard per sample
+        build_train_loader(full_permutation, 0, 1, 8)
+
+
+def test_range_reads_equal_whole_shard_reads(tmp_path, s3_shards):
+    """data.remote_read=range: one ranged GET per sample, the same decoded batches, no shard downloaded."""
+    out = {}
+    for mode in ("shard", "range"):
+        cfg = data_config(tmp_path / mode, train_urls=s3_shards["urls"], remote_read=mode)
+        loader = build_train_loader(cfg, 0, 1, 8)
+        out[mode] = (list(loader), loader.io_stats(), loader.dataset.catalog)
+    (shard_batches, shard_io, catalog), (range_batches, range_io, _) = out["shard"], out["range"]
+    assert [b["keys"] for b in shard_batches] == [b["keys"] for b in range_batches]
+    for a, b in zip(shard_batches, range_batches):
+        for name in ("image_features", "audio_features", "text_inputs"):
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert range_io["shard_fetches"] == 0 and range_io["range_reads"] == N
+    assert range_io["bytes_fetched"] == sum(int((sp[:, 1] - sp[:, 0]).sum()) for sp in catalog.spans)
+    assert shard_io["shard_fetches"] == 4 and shard_io["bytes_fetched"] == sum(catalog.sizes)
+    assert not (tmp_path / "range" / "cache" / "shards").exists()

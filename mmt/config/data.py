@@ -79,6 +79,25 @@ class DataConfig:
         "shards, so only k shards are read at a time (locality for object stores)",
         ge=0,
     )
+    partitions: int = cfg_field(
+        0,
+        doc="indexed: 0 orders all samples globally (every rank reads every shard); P > 0 deals shards out to P "
+        "canonical partitions per epoch, global batch = G/P samples of each, so each node reads only its "
+        "partitions' shards (world sizes: divisors of P; P must divide the global batch)",
+        ge=0,
+    )
+    remote_read: str = cfg_field(
+        "shard",
+        doc="indexed, remote shards: shard fetches whole shards into the node cache; range reads each sample "
+        "with one HTTP range request (no cache: small random-access jobs, eval, debugging)",
+        choices=("shard", "range"),
+    )
+    readahead_shards: int = cfg_field(
+        0,
+        doc="indexed with partitions, remote shards: shards downloaded ahead of the reading per rank "
+        "(0: one window per partition of the rank)",
+        ge=0,
+    )
     shuffle_buffer: int = cfg_field(1000, doc="streaming: sample shuffle buffer", ge=0)
     resampled: bool = cfg_field(False, doc="streaming: draw shards with replacement forever (pretraining)")
     prefetch_factor: int = cfg_field(2, doc="batches prefetched per worker", ge=1)
@@ -93,7 +112,10 @@ class DataConfig:
         doc="node-local cache of remote shards and computed indexes ('' : $MMT_DATA_CACHE or a temp folder)",
     )
     cache_max_gb: float = cfg_field(
-        0.0, doc="evict least recently used cached shards beyond this size (0: keep all)", ge=0
+        0.0,
+        doc="node cache cap (0: keep all); with partitions, shards are evicted only after their last read this "
+        "epoch; a cap below what the shards read at once need is refused (the error names the minimum)",
+        ge=0,
     )
     endpoint_url: str = cfg_field("", doc="S3-compatible endpoint ('' : AWS_ENDPOINT_URL, else AWS)")
     retries: int = cfg_field(4, doc="retries of a failed remote read (exponential backoff)", ge=0)

@@ -16,6 +16,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -24,7 +25,16 @@ from mmt.config import ConfigError
 from mmt.config.root import Config
 from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
-from mmt.data.indexed import GlobalBatchSampler, IndexedDataset, IndexedLoader, StridedSampler, WorkerSettings
+from mmt.data.indexed import (
+    CacheSettings,
+    GlobalBatchSampler,
+    IndexedDataset,
+    IndexedLoader,
+    StridedSampler,
+    WorkerSettings,
+    valid_world_sizes,
+)
+from mmt.data.readahead import peak_bytes
 from mmt.data.samples import CollateSpec, Collator, SampleDecoder
 from mmt.data.schema import ANSWERS_NAME
 from mmt.data.shards import ShardCatalog, StorageSettings, default_cache_dir, load_answer_vocab
@@ -62,6 +72,7 @@ def storage_settings(cfg: Config) -> StorageSettings:
         retries=d.retries,
         backoff_s=d.retry_backoff_s,
         cache_max_bytes=int(d.cache_max_gb * 1e9),
+        remote_read=d.remote_read,
     )
 
 
@@ -219,7 +230,15 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
     if cfg.data.resampled:
         raise ConfigError(SOURCE, "data.resampled", "resampled mode needs data.loader=streaming")
     urls = [u for s in sources for u in s.urls]
+    _check_partitions(cfg.data.partitions, global_batch, world_size)
     catalog = _catalog(urls, cfg, settings, "data.train_urls")
+    if cfg.data.partitions > len(catalog.urls):
+        raise ConfigError(
+            SOURCE,
+            "data.partitions",
+            f"{cfg.data.partitions} partitions need at least as many shards; data.train_urls has "
+            f"{len(catalog.urls)} readable shards",
+        )
     sampler = GlobalBatchSampler(
         catalog.counts,
         seed=seed,
@@ -228,13 +247,81 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
         world_size=world_size,
         shuffle=cfg.data.shuffle,
         shard_window=cfg.data.shard_window,
+        partitions=cfg.data.partitions,
     )
     if len(sampler) == 0:
         raise DataError(
             f"{catalog.num_samples} training samples do not fill one global batch of {global_batch}"
+            + (f" in each of data.partitions={cfg.data.partitions}" if cfg.data.partitions else "")
         )
+    cache = _cache_settings(cfg, catalog, world_size)
+    if cache is not None:  # the read-ahead thread alone evicts: readers must not
+        settings = dataclasses.replace(settings, cache_max_bytes=0)
     dataset = IndexedDataset(catalog, settings, decoder, seed)
-    return IndexedLoader(dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures)
+    loader = IndexedLoader(
+        dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures, cache
+    )
+    _check_cache_size(cfg, loader, cache)
+    return loader
+
+
+def _check_partitions(partitions: int, global_batch: int, world_size: int) -> None:
+    if not partitions:
+        return
+    if global_batch % partitions:
+        divisors = [p for p in range(1, global_batch + 1) if global_batch % p == 0]
+        raise ConfigError(
+            SOURCE,
+            "data.partitions",
+            f"{partitions} does not divide the global batch {global_batch} (train.global_batch); "
+            f"divisors: {', '.join(map(str, divisors))}",
+        )
+    if partitions % world_size:
+        valid = ", ".join(map(str, valid_world_sizes(partitions)))
+        raise ConfigError(
+            SOURCE,
+            "data.partitions",
+            f"world size {world_size} does not divide data.partitions={partitions}: valid world sizes are "
+            f"{valid} (or set data.partitions to a multiple of {world_size})",
+        )
+
+
+def _ranks_per_node() -> int:
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _lookahead(cfg: Config) -> int:
+    """Batches readers work on at once: the one being consumed plus every worker's prefetched ones."""
+    return 1 + cfg.data.num_workers * cfg.data.prefetch_factor
+
+
+def _cache_settings(cfg: Config, catalog: ShardCatalog, world_size: int) -> CacheSettings | None:
+    """Read-ahead and consumption-aware eviction: for the partitioned order over remote shards fetched whole."""
+    d = cfg.data
+    if not d.partitions or d.remote_read != "shard" or not any(storage.is_remote(u) for u in catalog.urls):
+        return None
+    mine = d.partitions // world_size
+    readahead = d.readahead_shards or mine * max(1, d.shard_window)
+    return CacheSettings(int(d.cache_max_gb * 1e9) // _ranks_per_node(), readahead, _lookahead(cfg))
+
+
+def _check_cache_size(cfg: Config, loader: IndexedLoader, cache: CacheSettings | None) -> None:
+    """Refuse a cache cap below what the shards read at once need (it would refetch shards: thrash)."""
+    d = cfg.data
+    catalog = loader.dataset.catalog
+    if d.cache_max_gb <= 0 or d.remote_read != "shard" or not any(storage.is_remote(u) for u in catalog.urls):
+        return
+    budget = cache.budget if cache is not None else int(d.cache_max_gb * 1e9)
+    need, shards = peak_bytes(loader.schedule(), _lookahead(cfg))
+    if need > budget:
+        per_node = need * (_ranks_per_node() if cache is not None else 1)
+        raise ConfigError(
+            SOURCE,
+            "data.cache_max_gb",
+            f"{d.cache_max_gb:g} GB cannot hold the {shards} shards this node reads at once: at least "
+            f"{per_node / 1e9:.4g} GB needed (data.shard_window={d.shard_window}, data.partitions={d.partitions}, "
+            f"data.num_workers={d.num_workers}); raise it, or lower data.shard_window / data.num_workers",
+        )
 
 
 def build_eval_loader(cfg: Config, rank: int, world_size: int, batch_size: int) -> IndexedLoader:

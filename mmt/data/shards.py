@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mmt.data import storage
+from mmt.data.iostats import COUNTERS
 from mmt.data.schema import INDEX_SUFFIX, split_member
 from mmt.data.tarindex import ShardIndex, scan_file
 
@@ -57,13 +59,17 @@ class StorageSettings:
     endpoint_url: str = ""
     retries: int = 4
     backoff_s: float = 0.5
-    cache_max_bytes: int = 0  # 0: unlimited
+    cache_max_bytes: int = (
+        0  # 0: unlimited; LRU eviction by readers (the read-ahead planner sets 0: it evicts)
+    )
+    remote_read: str = "shard"  # shard: whole shards into the node cache; range: one ranged GET per sample
 
 
 class ShardCache:
     """Whole remote shards copied to node-local disk once, shared by every rank and worker on the node.
 
-    A per-shard ``flock`` makes concurrent readers wait for one download instead of each fetching the shard.
+    A per-shard ``flock`` makes concurrent readers wait for one download instead of each fetching the shard, and
+    the download lands under a temporary name renamed into place, so no reader ever sees a partial file.
     """
 
     def __init__(self, settings: StorageSettings) -> None:
@@ -74,13 +80,29 @@ class ShardCache:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return os.path.join(self.root, f"{digest}-{os.path.basename(url)}")
 
+    def cached(self, url: str, expected_size: int | None = None) -> str | None:
+        """The local copy's path if it is complete, else None."""
+        if not storage.is_remote(url):
+            return url.removeprefix("file://")
+        path = self.path_for(url)
+        try:
+            if expected_size is None or os.path.getsize(path) == expected_size:
+                return path
+        except FileNotFoundError:
+            pass
+        return None
+
     def fetch(self, url: str, expected_size: int | None = None) -> str:
         if not storage.is_remote(url):
             return url.removeprefix("file://")
         path = self.path_for(url)
-        if os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size):
-            os.utime(path)  # recently used: evicted last
-            return path
+        if self.cached(url, expected_size):
+            try:
+                os.utime(path)  # recently used: evicted last
+            except FileNotFoundError:  # evicted just now: fetch it below
+                pass
+            else:
+                return path
         os.makedirs(self.root, exist_ok=True)
         with open(path + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -90,6 +112,7 @@ class ShardCache:
                 ):
                     s = self.settings
                     storage.download(url, path, s.endpoint_url, s.retries, s.backoff_s)
+                    COUNTERS.add(bytes_fetched=os.path.getsize(path), shard_fetches=1, fetched=url)
                     if s.cache_max_bytes > 0:
                         self.evict(keep=path)
             finally:
@@ -256,23 +279,42 @@ class SampleReader:
         f = self._files.get(shard)
         if f is not None:
             self._files.move_to_end(shard)
+            if storage.is_remote(self.catalog.urls[shard]):
+                COUNTERS.add(cache_hits=1)
             return f
         if self._cache is None:
             self._cache = ShardCache(self.settings)
-        path = self._cache.fetch(self.catalog.urls[shard], self.catalog.sizes[shard])
+        url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
+        path = self._cache.cached(url, size)
+        if path is None:  # not prefetched (yet): wait for the download (ours or another reader's)
+            t0 = time.perf_counter()
+            path = self._cache.fetch(url, size)
+            COUNTERS.add(wait_s=time.perf_counter() - t0, cache_misses=1)
+        elif storage.is_remote(url):
+            COUNTERS.add(cache_hits=1)
         f = open(path, "rb")  # noqa: SIM115 -- kept open for later samples of the same shard
         self._files[shard] = f
         while len(self._files) > self.max_open:
             self._files.popitem(last=False)[1].close()
         return f
 
+    def _bytes(self, shard: int, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a shard: from the local (cached) file, or one ranged GET in range mode."""
+        url = self.catalog.urls[shard]
+        if self.settings.remote_read == "range" and storage.is_remote(url):
+            s = self.settings
+            data = storage.read_range(url, start, end, s.endpoint_url, s.retries, s.backoff_s)
+            COUNTERS.add(bytes_fetched=len(data), range_reads=1)
+            return data
+        f = self._file(shard)
+        f.seek(start)
+        return f.read(end - start)
+
     def read(self, shard: int, pos: int) -> tuple[str, dict[str, bytes]]:
         """``(key, {ext: bytes})``; raises with a message naming the problem when the range is not that sample."""
         key = self.catalog.keys[shard][pos]
         start, end = (int(x) for x in self.catalog.spans[shard][pos])
-        f = self._file(shard)
-        f.seek(start)
-        data = f.read(end - start)
+        data = self._bytes(shard, start, end)
         if len(data) != end - start:
             raise ValueError(
                 f"shard is shorter than its index ({len(data)} of {end - start} bytes at {start})"

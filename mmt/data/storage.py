@@ -93,6 +93,16 @@ def read_bytes(url: str, endpoint_url: str = "", retries: int = 4, backoff_s: fl
     return retry(lambda: fs.cat_file(path), f"reading {url}", retries, backoff_s)
 
 
+def read_range(
+    url: str, start: int, end: int, endpoint_url: str = "", retries: int = 4, backoff_s: float = 0.5
+) -> bytes:
+    """Bytes ``[start, end)`` of ``url``: one HTTP range request on object stores (a seek on local files)."""
+    fs, path = filesystem(url, endpoint_url)
+    return retry(
+        lambda: fs.cat_file(path, start=start, end=end), f"reading {url} [{start}, {end})", retries, backoff_s
+    )
+
+
 def exists(url: str, endpoint_url: str = "") -> bool:
     fs, path = filesystem(url, endpoint_url)
     return bool(fs.exists(path))
