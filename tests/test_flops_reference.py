@@ -65,3 +65,33 @@ def test_model_flops_per_sample_match_the_flop_counter(fusion):
     estimate = model.flops_per_sample()
     print(f"{fusion}: estimate / counted = {estimate['total'] / counted:.4f}")
     assert estimate["total"] == pytest.approx(counted, rel=MARGIN), estimate
+
+
+def test_cross_attending_block_counts_keys_on_the_context():
+    """A decoder block over 8 tokens cross-attending to 64: the key/value projection runs on the context."""
+    spec = ModelConfig(dim=64, depth=1, num_heads=4)
+    tower, n, m, b = Tower(spec, 8, causal=True, cross=True, context_dim=64), 8, 64, 2
+    x, ctx = torch.randn(b, n, 64, requires_grad=True), torch.randn(b, m, 64, requires_grad=True)
+    counted = _counted(lambda: tower(x, context=ctx).sum().backward()) / b
+    assert tower.forward_flops(n, m) == pytest.approx(counted, rel=MARGIN)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated", "cross_attention", "bottleneck", "tensor"])
+def test_fusion_flops_match_the_flop_counter(fusion):
+    """Each fusion kind alone, on its own inputs (tokens of very different lengths per modality)."""
+    from mmt.model.fusion import build_fusion
+
+    spec = ModelConfig(dim=32, depth=1, num_heads=4)
+    module = build_fusion(FusionConfig(kind=fusion, depth=2, tensor_dim=4), spec, ["text", "image", "audio"])
+    tokens, b = {"text": 40, "image": 8, "audio": 24}, 2
+    inputs = {
+        m: (torch.randn(b, n, 32, requires_grad=True), torch.ones(b, n, dtype=torch.bool))
+        for m, n in tokens.items()
+    }
+
+    def step():
+        out = module(inputs)
+        (out.memory.sum() + out.pooled.sum()).backward()
+
+    counted = _counted(step) / b
+    assert module.forward_flops(tokens) == pytest.approx(counted, rel=MARGIN)
