@@ -1,7 +1,9 @@
 """`mmt runs` against a real `mlflow server` and against the embedded sqlite store.
 
-The runs are logged here with MlflowClient following `mmt train`'s conventions (dotted params, `train/*` and
-`val/*` metrics, `mmt.*` tags), with hand-picked values so every number in the table is known.
+Most runs are logged here with MlflowClient following `mmt train`'s conventions (dotted params, `train/*` and
+`val/*` metrics, `mmt.*` tags), with hand-picked values so every number in the table is known. The experiments
+`plain` and `wide` hold runs logged by plain `mlflow` calls, as any other program logs them (param `lr`,
+metrics `loss` and `acc`; one run with many metrics), which `mmt runs` must handle just as well.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -76,11 +79,44 @@ def _log_run(
 
 
 @dataclass
+class PlainRun:
+    run_id: str
+    lr: float
+    loss: list[float]
+    acc: list[float]
+
+
+def _log_plain_runs(uri: str) -> tuple[list[PlainRun], str]:
+    """Two runs in experiment `plain` and one with 11 metrics in `wide`, through mlflow's fluent API only."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("plain")
+        plain = []
+        for lr, rate in ((0.1, 0.3), (0.01, 0.1)):
+            with mlflow.start_run() as run:
+                mlflow.log_param("lr", lr)
+                loss = [1.0 / (1 + rate * s) for s in range(6)]
+                acc = [0.5 + rate * s / 2 for s in range(6)]
+                for s in range(6):
+                    mlflow.log_metrics({"loss": loss[s], "acc": acc[s]}, step=s)
+            plain.append(PlainRun(run.info.run_id, lr, loss, acc))
+        mlflow.set_experiment("wide")
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({f"m{i:02d}": float(i) for i in range(11)}, step=0)
+        return plain, run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@dataclass
 class Store:
     uri: str
     softmax: LoggedRun
     linear: LoggedRun
     other: LoggedRun  # in another experiment
+    plain: list[PlainRun]  # plain mlflow runs, newest last
+    wide: str  # a plain run with 11 metrics
 
 
 @pytest.fixture(scope="module", params=["embedded", "server"])
@@ -96,7 +132,8 @@ def store(request, tmp_path_factory) -> Store:
     softmax = _log_run(client, cmp_id, "softmax", "softmax", 0.1, (0.30, 0.25), root, T0)
     linear = _log_run(client, cmp_id, "linear", "linear", 0.05, (0.20, 0.40), root, T0 + 60_000)
     other = _log_run(client, other_id, "other", "softmax", 0.1, (0.1, 0.1), root, T0 + 120_000)
-    return Store(uri, softmax, linear, other)
+    plain, wide = _log_plain_runs(uri)
+    return Store(uri, softmax, linear, other, plain, wide)
 
 
 def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -114,10 +151,13 @@ def test_list_shows_runs_with_status_steps_and_metrics(store, capsys):
     assert "train/loss" in header and "val/recall_at_1" in header
     body = lines[2:]
     assert [line.split()[0] for line in body] == [
+        store.wide,
+        *(r.run_id for r in reversed(store.plain)),
         store.other.run_id,
         store.linear.run_id,
         store.softmax.run_id,
     ]
+    body = body[3:]
     cells = body[1].split()  # the "started" cell is two tokens (date time): later cells shift by one
     assert cells[1:4] == ["linear", "cmp", "FINISHED"]
     assert cells[6] == "12.0s"  # duration: end - start
@@ -214,13 +254,18 @@ def test_search_follows_page_tokens(store, monkeypatch, capsys):
 
     monkeypatch.setattr(runs, "_PAGE_SIZE", 2)
     client = MlflowClient(store.uri)
-    exp_ids = list(runs.experiments_by_id(client))  # Default, cmp, other: two pages
-    assert len(exp_ids) == 3
+    exp_ids = list(runs.experiments_by_id(client))  # Default, cmp, other, plain, wide: three pages
+    assert len(exp_ids) == 5
     found = runs.search_runs(client, exp_ids)
-    assert [r.info.run_id for r in found] == [store.other.run_id, store.linear.run_id, store.softmax.run_id]
+    assert [r.info.run_id for r in found][-3:] == [
+        store.other.run_id,
+        store.linear.run_id,
+        store.softmax.run_id,
+    ]
+    assert len(found) == 6 and len({r.info.run_id for r in found}) == 6
     assert len(runs.search_runs(client, exp_ids, limit=3)) == 3
-    rc, out, _ = _run_cli(capsys, "list", "--tracking-uri", store.uri, "--limit", "3")
-    assert rc == 0 and all(r.run_id in out for r in (store.softmax, store.linear, store.other))
+    rc, out, _ = _run_cli(capsys, "list", "--tracking-uri", store.uri, "--experiment", "cmp", "--limit", "3")
+    assert rc == 0 and all(r.run_id in out for r in (store.softmax, store.linear))
 
 
 def _has_color(img: Image.Image, rgb: tuple[int, int, int]) -> bool:
@@ -333,3 +378,47 @@ def test_env_uri_and_mmt_entry_point(store):
     )
     assert proc.returncode == 0, proc.stderr
     assert store.softmax.run_id in proc.stdout and store.linear.run_id in proc.stdout
+
+
+def test_plain_mlflow_runs(store, capsys, tmp_path):
+    """Runs that know nothing of mmt (metrics `loss`, `acc`, param `lr`, no mmt tags) get the same service."""
+    uri = ["--tracking-uri", store.uri]
+    rc, out, err = _run_cli(capsys, "list", "--experiment", "plain", *uri)
+    assert rc == 0, err
+    header, _, *body = out.splitlines()
+    assert header.split()[-2:] == ["acc", "loss"]  # their own metrics, latest values
+    for run in store.plain:
+        cells = next(line for line in body if line.startswith(run.run_id)).split()
+        assert cells[-2:] == [f"{run.acc[-1]:.4g}", f"{run.loss[-1]:.4g}"] and cells[-3] == "5"  # steps
+
+    png, out_json = tmp_path / "plain.png", tmp_path / "plain.json"
+    rc, out, err = _run_cli(
+        capsys, "compare", "--experiment", "plain", *uri, "--plot", str(png), "--json", str(out_json)
+    )
+    assert rc == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["metrics"] == ["acc", "loss"] and data["differing_params"] == ["lr"]
+    recs = {r["run_id"]: r for r in data["runs"]}
+    for run in store.plain:
+        rec = recs[run.run_id]
+        assert rec["params.lr"] == str(run.lr)
+        assert rec["loss.final"] == pytest.approx(run.loss[-1]) and rec["loss.best"] == pytest.approx(
+            min(run.loss)
+        )
+        assert rec["acc.best"] == pytest.approx(max(run.acc)) and rec["acc.best_step"] == 5
+    assert "acc final" in out and "loss best (min)" in out
+    with Image.open(png) as img:
+        assert img.size == (1000, 2 * 320)
+
+    rc, out, err = _run_cli(capsys, "best", "--experiment", "plain", "--metric", "acc", "--json", *uri)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["run_id"] == store.plain[0].run_id and res["mode"] == "max" and res["checkpoint_dir"] is None
+    rc, out, err = _run_cli(capsys, "best", "--experiment", "plain", "--metric", "loss", *uri)
+    assert rc == 0 and store.plain[0].run_id in out and "no mmt.checkpoint_dir tag" in out
+
+    # many metrics: a capped default with a note naming what was left out
+    rc, out, err = _run_cli(capsys, "compare", store.wide, *uri, "--json", str(out_json))
+    assert rc == 0, err
+    assert json.loads(out_json.read_text())["metrics"] == [f"m{i:02d}" for i in range(8)]
+    assert "showing 8 of the 11 metrics" in err and "m08, m09, m10" in err and "--metrics" in err

@@ -66,23 +66,33 @@ def test_metric_stats_final_and_best():
     assert s.final != s.final and (s.best, s.best_step) == (0.5, 1)
 
 
-def test_default_metrics_prefer_headline_metrics():
+def test_default_metrics_are_what_the_runs_logged_headline_first():
     def run_with(*keys: str) -> Run:
         info = RunInfo("r", "0", "user", "FINISHED", 0, 1, "active")
         return Run(info, RunData(metrics=[Metric(k, 1.0, 0, 0) for k in keys]))
 
     retrieval = run_with(
-        "train/loss", "train/lr", "val/recall_at_1", "val/text_to_image_recall_at_5", "val/loss"
+        "train/loss", "train/lr", "val/recall_at_1", "val/text_to_image_recall_at_5", "val/loss", "sys/rss_gb"
     )
-    vqa = run_with("train/loss", "val/vqa_accuracy")
-    assert default_metrics([retrieval, vqa]) == [
-        "train/loss",
-        "val/loss",
-        "val/recall_at_1",
-        "val/vqa_accuracy",
-    ]
+    vqa = run_with("train/loss", "val/vqa_accuracy", "train/samples_per_s", "train/grad_norm")
+    assert default_metrics([retrieval, vqa]) == (
+        [
+            "train/loss",
+            "val/loss",
+            "val/recall_at_1",
+            "val/vqa_accuracy",
+            "val/text_to_image_recall_at_5",
+            "train/grad_norm",
+        ],
+        None,
+    )
     other = run_with("train/loss", "val/samples", "val/top5", "val/a_b_recall_at_1_chance", "val/acc")
-    assert default_metrics([other]) == ["train/loss", "val/acc", "val/top5"]
+    assert default_metrics([other]) == (["train/loss", "val/acc", "val/top5"], None)
+    # a run that knows nothing of mmt's names: its own metrics, and a note when there are more than the cap
+    plain = run_with("loss", "acc", "lr")
+    assert default_metrics([plain]) == (["acc", "loss", "lr"], None)
+    keys, note = default_metrics([plain], cap=2)
+    assert keys == ["acc", "loss"] and "showing 2 of the 3 metrics" in note and "lr" in note
 
 
 def test_plot_size_parsing():

@@ -191,15 +191,40 @@ HEADLINE_METRICS = (
     "val/bleu4",
     "val/perplexity",
 )
+# What `mmt train` logs for bookkeeping rather than as a result: throughput (compare shows its median in rows of
+# its own), the schedule, memory, the evaluation's sample count and chance baselines.
+BOOKKEEPING_METRICS = ("train/samples_per_s", "train/mfu", "train/tokens_per_s", "train/lr", "train/epoch")
+DEFAULT_METRIC_CAP = 8
 
 
-def default_metrics(runs: Sequence[Run]) -> list[str]:
-    """The headline metrics any of the runs logged; without any headline `val/*` metric, every `val/*` metric
-    except the bookkeeping ones (`val/samples`, `*_chance` baselines)."""
-    logged = {k for r in runs for k in r.data.metrics}
-    chosen = [k for k in HEADLINE_METRICS if k in logged]
-    if not any(k.startswith("val/") for k in chosen):
-        chosen += sorted(
-            k for k in logged if k.startswith("val/") and k != "val/samples" and not k.endswith("_chance")
-        )
-    return chosen
+def _bookkeeping(key: str) -> bool:
+    return (
+        key in BOOKKEEPING_METRICS
+        or key.startswith("sys/")
+        or key == "val/samples"
+        or (key.startswith("val/") and key.endswith("_chance"))
+    )
+
+
+def logged_metrics(runs: Sequence[Run]) -> list[str]:
+    """Every metric key the runs logged that is a result, not bookkeeping, in display order: mmt's headline
+    metrics first (when the runs logged them), then ``val/*``, then the rest alphabetically."""
+    logged = {k for r in runs for k in r.data.metrics if not _bookkeeping(k)}
+    head = [k for k in HEADLINE_METRICS if k in logged]
+    rest = sorted(logged - set(head), key=lambda k: (not k.startswith("val/"), k))
+    return head + rest
+
+
+def default_metrics(runs: Sequence[Run], cap: int = DEFAULT_METRIC_CAP) -> tuple[list[str], str | None]:
+    """The metrics a table or plot shows when none are asked for: those the runs actually logged
+    (`logged_metrics`: any MLflow run, whatever its metric names), at most ``cap``; with more, also a note
+    saying how many were left out and how to pick them."""
+    keys = logged_metrics(runs)
+    if len(keys) <= cap:
+        return keys, None
+    left = keys[cap:]
+    shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+    return keys[:cap], (
+        f"showing {cap} of the {len(keys)} metrics these runs logged (not shown: {shown}); "
+        "choose with --metrics a,b,..."
+    )

@@ -1,4 +1,4 @@
-"""`mmt runs`: list, compare and pick the best of the MLflow runs logged by `mmt train`.
+"""`mmt runs`: list, compare and pick the best of any MLflow runs (`mmt train`'s or any other program's).
 
 Thin layer over `mmt.tracking.runs` (queries), `runs_compare` (the table and its exports) and `runs_plot`.
 """
@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mmt.cliargs import ArgumentParser
 from mmt.tracking.runs import (
+    DEFAULT_METRIC_CAP,
     TAG_CHECKPOINT_DIR,
     TAG_RUN_DIR,
     RunsError,
@@ -47,6 +48,12 @@ from mmt.tracking.runs_compare import (
 LIST_DEFAULT_METRIC_COLUMNS = 5  # `list` is one line per run: cap the default metric columns to stay readable
 
 
+def _note(note: str | None) -> None:
+    """Notes go to stderr so that stdout stays the table alone (scripts parse it)."""
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _metric_list(text: str | None) -> list[str] | None:
     return [m.strip() for m in text.split(",") if m.strip()] if text else None
 
@@ -57,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db like `mmt train`)",
     )
-    p = ArgumentParser(prog="mmt runs", description="List and compare MLflow runs logged by mmt train.")
+    p = ArgumentParser(
+        prog="mmt runs",
+        description="List and compare MLflow runs (logged by mmt train or any other program).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", parents=[common], help="recent runs: status, duration, steps, key metrics")
@@ -65,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.train.seed = '1'\"")
     ls.add_argument("--limit", type=int, default=20, help="how many of the newest runs (default 20)")
     ls.add_argument(
-        "--metrics", help="comma-separated metric keys (default: train/loss and the val/* metrics)"
+        "--metrics", help="comma-separated metric keys (default: the metrics the runs logged, mmt's first)"
     )
 
     cmp_ = sub.add_parser("compare", parents=[common], help="table of differing params, metrics, throughput")
@@ -76,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp_.add_argument("--limit", type=int, default=20, help="with --experiment: at most this many runs")
     cmp_.add_argument(
-        "--metrics", help="comma-separated metric keys (default: train/loss and the val/* metrics)"
+        "--metrics",
+        help=f"comma-separated metric keys (default: up to {DEFAULT_METRIC_CAP} the runs logged, mmt's first)",
     )
     cmp_.add_argument("--plot", metavar="OUT.png", help="draw the metric curves of every run to this PNG")
     cmp_.add_argument("--x", choices=("step", "time"), default="step", help="plot x axis: step or wall-clock")
@@ -136,7 +147,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             + (f" in experiment {args.experiment!r}" if args.experiment else "")
         )
         return 0
-    metrics = _metric_list(args.metrics) or default_metrics(runs)[:LIST_DEFAULT_METRIC_COLUMNS]
+    metrics = _metric_list(args.metrics)
+    if metrics is None:
+        metrics, note = default_metrics(runs, cap=LIST_DEFAULT_METRIC_COLUMNS)
+        _note(note)
     now_ms = int(time.time() * 1000)
     rows = [["run_id", "name", "experiment", "status", "started", "duration", "steps", *metrics]]
     for r in runs:
@@ -183,7 +197,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not 0.0 <= args.smooth < 1.0:
         raise RunsError(f"invalid --smooth {args.smooth}: expected an EMA weight in [0, 1)")
 
-    metrics = _metric_list(args.metrics) or default_metrics(runs)
+    metrics = _metric_list(args.metrics)
+    if metrics is None:
+        metrics, note = default_metrics(runs)
+        _note(note)
+        if not metrics:
+            raise RunsError("these runs logged no metrics to compare")
     logged = {k for r in runs for k in r.data.metrics}
     unknown = [m for m in metrics if m not in logged]
     if unknown:
