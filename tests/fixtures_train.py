@@ -289,6 +289,9 @@ RESUME_STEPS = 8
 ZERO_STEPS = 6  # >= 5 real updates: step 1's lr is not zero (warmup starts at half the peak)
 ZERO_SAVE = 3  # the ZeRO-2/3 parity runs also save here: the start of the resumes on 1 and 3 ranks
 ZERO_BATCH = 6  # a global batch that 1, 2 and 3 ranks divide
+ACCUM_STEPS = 3
+EVAL_SAMPLES = 9
+EVAL_RUNS = ("zero2", "vqa_accum", "cap")  # retrieval, VQA, captioning checkpoints evaluated on 1 and 2 ranks
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +308,9 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
     """
     tmp = tmp_path_factory.mktemp("train_dist")
     urls = write_shards(tmp / "data", 32)  # 4 global batches of 8 per epoch
+    urls64 = write_shards(tmp / "data64", 64)  # one global batch of 64 per step
+    # 9 held-out samples: 2 ranks with eval batches of 4 get 5 and 4 (2 batches and 1: a rank runs out first)
+    val = write_shards(tmp / "val", EVAL_SAMPLES, seed=1)
     # Unshuffled order: global batch b is samples 8b..8b+7 and rank 1 takes 8b+4..8b+7, which have no audio.
     mixed = write_shards(tmp / "mixed", 32, no_audio=lambda i: i % 8 >= 4)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -327,8 +333,42 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
             tmp / f"zero{st}.yaml",
             train_urls=urls,
             run_dir=tmp / f"zero{st}",
-            train={**zero, "zero_stage": st, "checkpoint_interval": ZERO_SAVE if st in (2, 3) else 0},
+            val_urls=val if st == 2 else "",  # ZeRO-2 also evaluates (retrieval) on 2 ranks at the end
+            train={
+                **zero,
+                "zero_stage": st,
+                "checkpoint_interval": ZERO_SAVE if st in (2, 3) else 0,
+                "offload_optimizer": st == 1,  # ZeRO-Offload through the trainer, held to the same parity
+                "eval_batch": 4,
+            },
         )
+    # Gradient accumulation: 4 micro batches of 8 per rank equal 1 of 32 (VQA's loss is a per-sample mean);
+    # the accumulating run also recomputes activations (activation checkpointing) and evaluates on 2 ranks.
+    vqa = dict(
+        task="vqa",
+        train_urls=urls64,
+        model={"heads": {"contrastive": True, "embed_dim": 64, "vqa_answers": 8}},
+    )
+    acc = {**zero, "max_steps": ACCUM_STEPS, "global_batch": 64, "record_keys": False}
+    cfgs["vqa_accum"] = write_config(
+        tmp / "vqa_accum.yaml",
+        run_dir=tmp / "vqa_accum",
+        val_urls=val,
+        train={**acc, "micro_batch": 8, "grad_accum": 4, "activation_checkpointing": True, "eval_batch": 4},
+        **vqa,
+    )
+    cfgs["vqa_whole"] = write_config(
+        tmp / "vqa_whole.yaml", run_dir=tmp / "vqa_whole", train={**acc, "micro_batch": 32}, **vqa
+    )
+    cfgs["cap"] = write_config(
+        tmp / "cap.yaml",
+        task="captioning",
+        train_urls=urls,
+        val_urls=val,
+        run_dir=tmp / "cap",
+        model={"decoder": {"depth": 1, "max_len": 48}},
+        train={"max_steps": 2, "caption_max_tokens": 6, "eval_batch": 4, "checkpoint_at_end": True},
+    )
     for st in (2, 3):
         for ws in (1, 3):
             cfgs[f"zero{st}_ws{ws}"] = write_config(
@@ -346,7 +386,15 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
         train_urls=mixed,
         run_dir=tmp / "mixed",
         data={"shuffle": False},
-        train={**zero, "zero_stage": 3, "global_batch": 8, "max_steps": 4, "checkpoint_at_end": False},
+        # bf16 through the trainer (ZeRO-3); this check needs no fp32 parity
+        train={
+            **zero,
+            "zero_stage": 3,
+            "global_batch": 8,
+            "max_steps": 4,
+            "checkpoint_at_end": False,
+            "precision": "bf16",
+        },
     )
     resume = dict(
         train_urls=urls,
@@ -373,17 +421,20 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
         tracking={"backend": "mlflow", "uri": uri},
     )
 
-    order = [str(cfgs[k]) for k in ("zero0", "zero1", "zero2", "zero3", "mixed", "resume_ref")] + [
-        f"!{cfgs['crash']}"
+    evals = [f"@{cfgs[k]}" for k in EVAL_RUNS]  # `mmt eval` of the run's final checkpoint on this world size
+    order = [
+        *(str(cfgs[k]) for k in ("zero0", "zero1", "zero2", "zero3", "mixed", "resume_ref")),
+        *(str(cfgs[k]) for k in ("vqa_accum", "vqa_whole", "cap")),
+        f"!{cfgs['crash']}",
+        *evals,
     ]
     run(scenario_torchrun(2, "contrastive+train", str(tmp), *order), cwd=tmp, timeout=480)
-    for ws, names in ((1, ("ref", "zero2_ws1", "zero3_ws1")), (3, ("zero2_ws3", "zero3_ws3"))):
+    for ws, specs in (
+        (1, [str(cfgs[k]) for k in ("ref", "zero2_ws1", "zero3_ws1")] + evals),
+        (3, [str(cfgs[k]) for k in ("zero2_ws3", "zero3_ws3")]),
+    ):
         (tmp / f"ws{ws}").mkdir()
-        out = run(
-            scenario_torchrun(ws, "train", str(tmp / f"ws{ws}"), *(str(cfgs[k]) for k in names)),
-            cwd=tmp,
-            timeout=300,
-        )
+        out = run(scenario_torchrun(ws, "train", str(tmp / f"ws{ws}"), *specs), cwd=tmp, timeout=300)
         (tmp / f"ws{ws}/output.txt").write_text(out.stdout)
 
     proc = start(mmt_deepspeed(2, str(cfgs["pre"])), cwd=tmp)
@@ -500,17 +551,24 @@ def _scenario_train(out: Path, configs: list[str]) -> None:
     """Run `mmt.training.trainer.train` for each config, one after another in this process group.
 
     A path prefixed with ``!`` is expected to fail (on every rank at the same point): its exception is recorded.
+    A path prefixed with ``@`` evaluates the config's run's newest checkpoint instead (what `mmt eval` runs) into
+    ``<run_dir>/eval_ws<world size>.json``.
     """
     import torch.distributed as dist
 
     from mmt.config import load_config
+    from mmt.training.evaluation_run import evaluate_checkpoint
     from mmt.training.trainer import train
 
     results = {}
     for spec in configs:
-        path = spec.lstrip("!")
+        path = spec.lstrip("!@")
         cfg = load_config(path)
         t0 = time.perf_counter()
+        if spec.startswith("@"):
+            out_json = Path(cfg.train.run_dir) / f"eval_ws{dist.get_world_size()}.json"
+            evaluate_checkpoint(cfg, cfg.train.run_dir, str(out_json), source=path)
+            continue
         try:
             res = train(cfg, source=path)
         except Exception as e:  # noqa: BLE001 - only for configs marked as expected failures

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mmt.data.faults import DataError
 from mmt.data.indexed import epoch_order
 from mmt.data.loader import build_eval_loader, build_train_loader
 from mmt.data.samples import soft_scores
@@ -262,6 +263,42 @@ def test_streaming_loader_epoch_covers_all(tmp_path, shards):
     resampled = data_config(tmp_path, train_urls=shards["urls"], loader="streaming", resampled=True)
     loader = build_train_loader(resampled, 0, 1, 8)
     assert len(epoch_keys(loader, limit=20)) == 20  # more than one epoch's worth: it never ends
+
+
+def test_streaming_resumes_mid_epoch_exactly(tmp_path, shards):
+    """Streaming, 2 workers, shuffle buffer: stopped after 3 batches and resumed on the same layout, the rest of
+    the epoch (keys and augmented tensors) and the next epoch are the uninterrupted ones; another world size or
+    worker count is refused with a message naming the indexed loader."""
+    cfg = data_config(
+        tmp_path, train_urls=shards["urls"], loader="streaming", num_workers=2, shuffle_buffer=20
+    )
+    uninterrupted = build_train_loader(cfg, 1, 2, 8)
+    full = [(b["keys"], b["image_features"]) for b in uninterrupted]
+    full_next = epoch_keys(uninterrupted)
+    first = build_train_loader(cfg, 1, 2, 8)
+    head = epoch_keys(first, limit=3)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches_consumed"] == 3
+    resumed = build_train_loader(cfg, 1, 2, 8)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # the trainer may call this: it keeps the resumed position
+    tail = [(b["keys"], b["image_features"]) for b in resumed]
+    assert head + [k for k, _ in tail] == [k for k, _ in full] and len(tail) == len(full) - 3
+    torch.testing.assert_close(tail[0][1], full[3][1], rtol=0, atol=0)  # same augmentation
+    assert resumed.epoch == 1 and epoch_keys(resumed) == full_next
+    for other in (
+        build_train_loader(cfg, 0, 1, 8),
+        build_train_loader(
+            data_config(
+                tmp_path, train_urls=shards["urls"], loader="streaming", num_workers=0, shuffle_buffer=20
+            ),
+            1,
+            2,
+            8,
+        ),
+    ):
+        with pytest.raises(DataError, match=r"data.loader=indexed .*any world size"):
+            other.load_state_dict(state)
 
 
 def test_streaming_weighted_mixing(tmp_path):

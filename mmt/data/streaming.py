@@ -3,8 +3,12 @@
 Shards are split by rank then by worker (``urls[rank::W][worker::num_workers]`` of the epoch's shard order, so
 the parts are disjoint and together complete); in ``resampled`` mode every (rank, worker) draws shards with
 replacement forever. Several sources mix by weight, sample by sample. Every shuffle is seeded from
-(seed, epoch, rank, worker). Resume is at epoch granularity: `load_state_dict` continues with the next epoch's
-fresh order (use the indexed loader where exact resume matters).
+(seed, epoch, rank, worker), so an epoch's stream is a pure function of (seed, epoch, rank, world size, workers).
+
+Resume is exact, mid-epoch included, on the same world size and ``data.num_workers``: the state is (epoch, batches
+this rank consumed), and a resumed loader replays the epoch's stream up to there and discards it (it re-reads and
+re-decodes that part of the epoch once). On another world size or worker count the streams differ and the
+position cannot be mapped: `load_state_dict` refuses and names the indexed loader, which resumes anywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from mmt.data.samples import Collator, SampleDecoder, SampleFailure
 from mmt.data.shards import StorageSettings, iter_tar_samples
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = "mmt-streaming-loader/1"
+STATE_FORMAT = "mmt-streaming-loader/2"
+EPOCH_ONLY_FORMAT = (
+    "mmt-streaming-loader/1"  # older checkpoints: epoch granularity, resumed at the next epoch
+)
 
 
 def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
@@ -163,7 +170,9 @@ class StreamingLoader:
 
     def __init__(self, dataset: StreamingDataset, workers: WorkerSettings, tracker: FailureTracker) -> None:
         self.dataset, self.tracker = dataset, tracker
+        self.num_workers = workers.num_workers
         self._epoch = 0
+        self._consumed = 0  # batches of the current epoch handed out (what a resume skips)
         self._loader = DataLoader(dataset, batch_size=None, **workers.dataloader_kwargs())
 
     @property
@@ -171,15 +180,25 @@ class StreamingLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
+        """Jump to ``epoch``'s start, unless it is the current epoch (a resumed position is kept)."""
+        if epoch != self._epoch:
+            self._epoch, self._consumed = epoch, 0
         self.dataset.epoch.value = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch: a resumed loader first replays and drops the batches consumed before."""
         self.dataset.epoch.value = self._epoch
+        skip = self._consumed
         for batch, failures in self._loader:
-            self.tracker.record(len(batch["keys"]) if batch is not None else 0, failures)
             if batch is None:
+                if not skip:
+                    self.tracker.record(0, failures)
                 continue  # a shard that failed outright at the end of a worker's stream
+            if skip:
+                skip -= 1  # counted in the failure tracker before the checkpoint
+                continue
+            self.tracker.record(len(batch["keys"]), failures)
+            self._consumed += 1
             yield batch
         self.tracker.check()
         self.set_epoch(self._epoch + 1)
@@ -187,15 +206,41 @@ class StreamingLoader:
     def __len__(self) -> int:
         raise TypeError("a streaming loader has no length (count steps instead)")
 
+    def _layout(self) -> dict[str, int]:
+        d = self.dataset
+        return {"rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers, "seed": d.seed}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "epoch": self._epoch, "failures": self.tracker.state()}
+        """This rank's position: (epoch, batches consumed), valid for the same rank layout and worker count."""
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            **self._layout(),
+            "failures": self.tracker.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken; refuse a state from another world size or worker count."""
+        if state.get("format") == EPOCH_ONLY_FORMAT:
+            self.set_epoch(int(state["epoch"]) + 1)
+            return
         if state.get("format") != STATE_FORMAT:
             raise DataError(
                 f"data loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}"
             )
-        self.set_epoch(int(state["epoch"]) + 1)
+        mine = self._layout()
+        diff = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise DataError(
+                "data.loader=streaming resumes mid-epoch only on the same rank layout, data.num_workers and seed "
+                f"(changed: {', '.join(diff)}): its streams depend on them. Use data.loader=indexed (the default), "
+                "which resumes the exact sample sequence on any world size"
+            )
+        self._epoch, self._consumed = int(state["epoch"]), int(state["batches_consumed"])
+        self.dataset.epoch.value = self._epoch
+        self.tracker.seen = int(state.get("failures", {}).get("seen", 0))
+        self.tracker.failed = int(state.get("failures", {}).get("failed", 0))
 
     def stats(self) -> dict[str, Any]:
         return {"samples_read": self.tracker.seen, "samples_failed": self.tracker.failed}
