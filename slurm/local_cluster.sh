@@ -29,6 +29,12 @@
 # Settings: SlurmUser/SlurmdUser root, munge auth, select/cons_tres with CR_CPU, proctrack/linuxproc, no
 # accounting, jobcomp/filetxt (so `sacct -c` works), short credential lifetime so requeued jobs restart in seconds.
 set -euo pipefail
+# Daemons started here must not inherit the caller's open files: a lock held around this script (flock FILE bash
+# local_cluster.sh start) would otherwise stay held by munged, slurmd, sshd as long as they run.
+for fd in /proc/$$/fd/*; do
+    fd="${fd##*/}"
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 
 state="${MMT_SLURM_DIR:-/tmp/mmt-slurm}"
 conf="$state/slurm.conf"
@@ -366,7 +372,7 @@ stop() {
         kill_pidfile "$f"
     done
     for f in "$state"/sshd-*.pid; do
-        [ -e "$f" ] && kill_pidfile "$f"
+        if [ -e "$f" ]; then kill_pidfile "$f"; fi
     done
     # A multi-node cluster's namespaces and links, found by name (also those a crashed start left). Whatever still
     # runs inside a node (a step stuck in a rendezvous outlives `scontrol shutdown`) is killed first: a namespace

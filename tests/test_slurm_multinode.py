@@ -10,6 +10,11 @@ tolerance) and, for the node-loss job, the same global batch at every step.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ import pytest
 from mmt.slurm.cli import main as slurm_main
 from mmt.slurm.scontrol import wait_for_jobs
 from tests.fixtures_slurm import REPO, multinode_cluster, wait_for  # noqa: F401
-from tests.fixtures_train import mmt_single, start, train_rows, write_config, write_shards
+from tests.fixtures_train import BIN, consumed_keys, mmt_single, start, train_rows, write_config, write_shards
 
 JOB_TIMEOUT_S = 240
 # Same global batch and initial weights, other world sizes: only the order of fp32 reductions differs (the ZeRO
@@ -134,3 +139,118 @@ def test_two_node_jobs_in_srun_and_torchrun_mode_match_one_node(store, monkeypat
         assert tags["mmt.launcher"] == ("slurm" if launch == "srun" else "torchrun")
         assert tags["mmt.world_sizes"] == f"0:{2 * per_node}"
         _assert_losses_match(_losses(client, mlrun), ref)
+
+
+def test_deepspeed_launcher_across_nodes_with_pdsh_and_without_ssh(store, request):
+    """`launch/deepspeed_multinode.sh`: once on node1 (pdsh starts node2's rank over ssh), and once per node with
+    `--no-ssh NODE_RANK`; 1 slot per node, global batch 8, the same losses as one process."""
+    cluster = request.getfixturevalue("multinode_cluster")
+    tmp, script = store["tmp"], str(REPO / "launch" / "deepspeed_multinode.sh")
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    pdsh_cfg, nossh_cfg = _config(store, "ds_pdsh"), _config(store, "ds_nossh")
+    env = {"MASTER_PORT": "29511", "PYTHONPATH": str(REPO)}
+    exported = ["env", f"PATH={BIN}:{os.environ['PATH']}", *(f"{k}={v}" for k, v in env.items())]
+    kw = {"cwd": tmp, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    procs = {
+        "pdsh": cluster.on_node("node1", [*exported, "bash", script, str(hostfile), str(pdsh_cfg)], **kw)
+    }
+    exported[2] = "MASTER_PORT=29512"
+    for rank, node in enumerate(("node1", "node2")):
+        cmd = [*exported, "bash", script, "--no-ssh", str(rank), str(hostfile), str(nossh_cfg)]
+        procs[f"nossh{rank}"] = cluster.on_node(node, cmd, **kw)
+    outs = {}
+    try:
+        for name, proc in procs.items():
+            outs[name], _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+            assert proc.returncode == 0, f"{name}:\n{outs[name][-3000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)
+    assert "node2: " in outs["pdsh"]  # pdsh prefixes the remote node's output with its name
+    assert "world size 2 (deepspeed, cpu)" in outs["pdsh"] + outs["nossh0"]
+    for name in ("ds_pdsh", "ds_nossh"):
+        client, mlrun = _only_run(store["uri"], name)
+        assert mlrun.info.status == "FINISHED"
+        assert mlrun.data.tags["mmt.hostnames"] == "node1,node2"
+        assert mlrun.data.tags["mmt.launcher"] == "deepspeed"
+        _assert_losses_match(_losses(client, mlrun), _reference(store, "ref8"))
+
+
+def _global_batches(run_dir: Path, history: list[list]) -> dict[int, list[str]]:
+    """Step -> the keys of its global batch as finally trained: at step s only ranks below the world size the
+    run had at s count (their last record of s wins: steps replayed after a lost node were trained again)."""
+    max_world = max(w for _, w, *_ in history)
+    per_rank = [consumed_keys(run_dir, r) for r in range(max_world)]
+
+    def world_at(step: int) -> int:
+        return [w for start_, w, *_ in history if start_ <= step][-1]
+
+    return {s: [k for r in range(world_at(s)) for k in per_rank[r][s]] for s in sorted(per_rank[0])}
+
+
+def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, monkeypatch):
+    """A 3-node job (slurm.min_nodes=2) loses node3 mid-run: Slurm requeues it onto node1-2, the trainer resumes
+    the last complete checkpoint on 2 ranks (converted to a universal checkpoint); node3 comes back, the job's
+    time-limit signal preempts it (all ranks on all nodes save), and the requeued job resumes on 3 ranks."""
+    cluster = request.getfixturevalue("multinode_cluster")
+    name, steps = "lost", 36
+    train = {"global_batch": 6, "max_steps": steps, "checkpoint_interval": 3, "keep_last": 0,
+             "checkpoint_at_end": True, "dist_timeout_s": 60}  # fmt: skip
+    _start_reference(store, "ref6", **train)
+    cfg = _config(store, name, **train)
+    run_dir = store["tmp"] / "runs" / name
+    started = time.monotonic()
+    job = _submit(
+        store, cfg, "--nodes", "3", "--min-nodes", "2", "--ntasks-per-node", "1", monkeypatch=monkeypatch
+    )
+    first = run_dir / "checkpoints" / "step_00000003" / "mmt_meta.json"
+    wait_for(first.is_file, 180, "the first checkpoint on 3 nodes", poll=0.02)
+    cluster.script("kill-node", "node3")  # slurmd, job step and rank of node3: SIGKILL
+    wait_for(lambda: "world size changed from 3 to 2" in _log(run_dir), 150, "the restart on 2 nodes")
+    cluster.script("revive-node", "node3")
+    # One more checkpoint on 2 ranks, then the signal Slurm sends before the time limit (B:USR1), sent now.
+    wait_for(
+        lambda: any(
+            json.loads(p.read_text()).get("world_size") == 2
+            for p in (run_dir / "checkpoints").glob("step_*/mmt_meta.json")
+        ),
+        120,
+        "a checkpoint on 2 nodes",
+    )
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
+    episode_s = time.monotonic() - started
+    ref = _reference(store, "ref6", **train)
+    log = _log(run_dir)
+    assert info.state == "COMPLETED", log
+    assert info.restarts == 2, log
+    assert episode_s < 400, episode_s  # nothing hung (the waits above are bounded too)
+    assert "restart 1 on 2 node(s) node[1-2]" in log and "restart 2 on 3 node(s) node[1-3]" in log, log
+    # The lost attempt resumed from its last complete checkpoint (step 3), converted for the new world size.
+    assert f"resumed from {run_dir}/checkpoints/step_00000003 at step 3" in log, log
+    assert len(re.findall(r"saved on 3 ranks \(ZeRO-2\), loading on 2 ranks .*converted from", log)) == 1, log
+    preempted_at = int(re.search(r"mmt: preempted \(SIGUSR1\) at step (\d+)", log).group(1))
+    assert len(re.findall(r"saved on 2 ranks \(ZeRO-2\), loading on 3 ranks .*converted from", log)) == 1, log
+    assert f"world size changed from 2 to 3 ranks at step {preempted_at}" in log
+    # Both ranks of the 2-node attempt saved the preemption checkpoint (one optimizer shard each).
+    saved = run_dir / "checkpoints" / f"step_{preempted_at:08d}"
+    assert sorted(p.name for p in saved.glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+    ]
+    # One MLflow run; its tags record each world-size change and where it ran.
+    client, mlrun = _only_run(store["uri"], name)
+    tags = mlrun.data.tags
+    assert mlrun.info.status == "FINISHED"
+    assert tags["mmt.world_sizes"] == f"0:3,3:2,{preempted_at}:3"
+    assert tags["mmt.world_size.0"] == "3 ranks on node1,node2,node3"
+    assert tags["mmt.world_size.3"] == "2 ranks on node1,node2"
+    assert tags[f"mmt.world_size.{preempted_at}"] == "3 ranks on node1,node2,node3"
+    assert tags["mmt.slurm_restart_count"] == "2" and tags["mmt.world_size"] == "3"
+    # The same global batch at every step as the uninterrupted run, and the same losses.
+    meta = json.loads((run_dir / "checkpoints" / f"step_{steps:08d}" / "mmt_meta.json").read_text())
+    assert meta["world_size"] == 3
+    history = [[0, 3], [3, 2], [preempted_at, 3]]
+    assert _global_batches(run_dir, history) == consumed_keys(ref, 0)
+    _assert_losses_match(_losses(client, mlrun), ref)

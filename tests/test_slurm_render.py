@@ -149,12 +149,14 @@ def test_dry_run_cpu_nodes_use_ntasks_per_node(config, capsys, monkeypatch):
         monkeypatch=monkeypatch,
     )
     lines = out.splitlines()
-    assert "#SBATCH --ntasks-per-node=4" in lines and "#SBATCH --cpus-per-task=3" in lines
+    assert "#SBATCH --mincpus=12" in lines  # a node range asks for CPUs per node, not tasks per node
+    assert not any(x.startswith(("#SBATCH --ntasks-per-node", "#SBATCH --cpus-per-task")) for x in lines)
     assert not any("--gpus" in line for line in lines)
     assert "export OMP_NUM_THREADS=3" in lines
     assert "#SBATCH --signal=B:HUP@180" in lines
     assert "#SBATCH --nodes=1-2" in lines  # slurm.min_nodes: may run on 1 node when the other is lost
-    assert '--nodes="${nnodes}" --ntasks="$((nnodes * 4))"' in out
+    assert '--nodes="${nnodes}" --ntasks="$((nnodes * 4))" --ntasks-per-node=4' in out
+    assert "--cpus-per-task=3" in out
     _bash_syntax_ok(out)
     with pytest.raises(ConfigError, match="slurm.min_nodes.*3 is more than slurm.nodes=2"):
         plan_job(config, ["slurm.nodes=2", "slurm.min_nodes=3"])

@@ -144,9 +144,12 @@ def template_values(members: list[Member], job_dir: Path, workdir: Path, job_nam
     procs = s.gpus_per_node or s.ntasks_per_node
     torchrun = s.launch == "torchrun"
     array = len(members) > 1
+    node_range = 0 < s.min_nodes < s.nodes
     return {
         "job_name": s.job_name or job_name,
-        "nodes": f"{s.min_nodes}-{s.nodes}" if s.min_nodes and s.min_nodes < s.nodes else s.nodes,
+        "nodes": f"{s.min_nodes}-{s.nodes}" if node_range else s.nodes,
+        "node_range": node_range,
+        "cpus_per_node": s.cpus_per_task * procs,
         "gpus_per_node": s.gpus_per_node,
         "procs_per_node": procs,
         "rdzv_timeout_s": s.rdzv_timeout_s,
