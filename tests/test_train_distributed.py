@@ -229,6 +229,12 @@ def test_mlflow_records_params_metrics_artifacts_and_continues_the_run(runs):
     assert all(m.value == pytest.approx(ref_loss[m.step], rel=1e-6) for m in history)
     for key in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s"):
         assert client.get_metric_history(run_.info.run_id, key), key
+    # Data wait: the share of step time blocked on the loader, in MLflow and metrics.jsonl on every log line.
+    waits = client.get_metric_history(run_.info.run_id, "train/data_wait_frac")
+    assert {m.step for m in waits} == set(range(1, STEPS + 1))
+    assert all(0.0 <= m.value <= 1.0 for m in waits)
+    rows = train_rows(tmp / "pre")
+    assert rows and all(0.0 <= r["train/data_wait_frac"] <= 1.0 for r in rows.values())
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"config.yaml", "ds_config.json", "final_metrics.json"} <= artifacts
     final = json.loads(

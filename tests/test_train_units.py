@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from mmt.training.preemption import (
     parse_signals,
     write_marker,
 )
+from mmt.training.telemetry import DataWaitClock, StepMeter
 from tests.fixtures_train import TINY_TRI
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -273,6 +275,37 @@ def test_missing_and_absent_modalities_become_safe_dummies():
 
     out = mmt.create_model(mcfg)(**kwargs)
     assert all(torch.isfinite(e).all() for e in out.embeddings.values())
+
+
+def _sleepy(seconds: float):
+    """A loader whose every batch takes ``seconds`` to arrive."""
+    while True:
+        time.sleep(seconds)
+        yield {"x": torch.zeros(2, 3), "keys": ["a", "b"]}
+
+
+def _steps(clock: DataWaitClock, batches, n: int, compute_s: float) -> None:
+    for _ in range(n):
+        batch = clock.fetch(batches, torch.device("cpu"))
+        assert batch["x"].shape == (2, 3) and batch["keys"] == ["a", "b"]
+        time.sleep(compute_s)  # stands in for forward, backward and the optimizer step
+        clock.step_done()
+
+
+def test_data_wait_fraction_is_high_for_a_slow_loader_and_low_for_a_fast_one():
+    slow = DataWaitClock()
+    _steps(slow, _sleepy(0.1), 3, compute_s=0.0)
+    assert slow.wait_s >= 0.3 and 0.9 < slow.fraction <= 1.0
+    fast = DataWaitClock()
+    _steps(fast, _sleepy(0.0), 3, compute_s=0.1)
+    assert fast.step_s >= 0.3 and 0.0 <= fast.fraction < 0.5
+    assert DataWaitClock().fraction == 0.0  # no step yet
+    # The meter reduces the clock's sums into the logged train/data_wait_frac (no process group: one rank).
+    meter = StepMeter()
+    meter.data = slow
+    meter.add({"loss": torch.tensor(1.0)})
+    means, _, _ = meter.reduce(torch.device("cpu"))
+    assert means["data_wait_frac"] == pytest.approx(slow.fraction) and means["loss"] == 1.0
 
 
 def test_split_micro_batches():

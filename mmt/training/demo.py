@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from mmt.cliargs import ArgumentParser
@@ -52,6 +53,23 @@ def _ensure_data(data_dir: Path) -> dict:
             f"{info_path}: not a demo dataset description ({e}); remove {data_dir} to rebuild it"
         ) from e
     return info
+
+
+def _data_wait_line(metrics_path: Path) -> str | None:
+    """The mean of the logged ``train/data_wait_frac``: whether the run's steps waited for their loader."""
+    fracs = []
+    with suppress(OSError):
+        for line in metrics_path.read_text().splitlines():
+            with suppress(ValueError):
+                v = json.loads(line).get("train/data_wait_frac")
+                if isinstance(v, (int, float)):
+                    fracs.append(float(v))
+    if not fracs:
+        return None
+    return (
+        f"  data wait: {100 * sum(fracs) / len(fracs):.1f} % of step time on average over {len(fracs)} log "
+        "lines (train/data_wait_frac: time blocked on the loader)"
+    )
 
 
 def _launch_command(launcher: str, nproc: int, config: Path, overrides: list[str]) -> list[str]:
@@ -190,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  final training loss {train['train/loss']:.3f} after {final['step']} steps "
             f"({final['samples_seen']} samples)"
         )
+    lines.append(_data_wait_line(run_dir / "metrics.jsonl"))
     uri = final.get("tracking_uri")
     lines += [
         f"  MLflow run: {final.get('mlflow_run_id')} in {uri}",

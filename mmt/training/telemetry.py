@@ -4,13 +4,50 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mmt.config import Config
 from mmt.tracking.logger import Logger, NullLogger
 from mmt.training import distributed as D
+from mmt.training.inputs import to_device
+
+
+class DataWaitClock:
+    """How long the steps block on their loader, against the steps' whole wall time.
+
+    A step's wait is the wall time of ``next(loader)`` plus the copy of its tensors to the device; the step runs
+    from that fetch to the end of its optimizer step (evaluation and checkpoints between steps count in neither).
+    Host clock only, so it costs no synchronisation and no ``.item()``: on CUDA the copy from pinned memory is
+    asynchronous, and the wait it causes shows where the host first waits for the device.
+    """
+
+    def __init__(self) -> None:
+        self.wait_s = 0.0
+        self.step_s = 0.0
+        self._start: float | None = None
+
+    def fetch(self, batches: Iterator[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+        """The next batch, on ``device``; the time this blocked is counted as data wait."""
+        start = time.perf_counter()
+        batch = to_device(next(batches), device)
+        self.wait_s += time.perf_counter() - start
+        self._start = start
+        return batch
+
+    def step_done(self) -> None:
+        """Closes the step opened by the last `fetch`."""
+        if self._start is not None:
+            self.step_s += time.perf_counter() - self._start
+            self._start = None
+
+    @property
+    def fraction(self) -> float:
+        """Share of step time spent waiting for data, in [0, 1] (0 before any step)."""
+        return min(1.0, self.wait_s / self.step_s) if self.step_s > 0 else 0.0
 
 
 class StepMeter:
@@ -21,6 +58,7 @@ class StepMeter:
         self.counts: dict[str, int] = {}
         self.tokens = 0
         self.samples = 0
+        self.data = DataWaitClock()
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -33,7 +71,7 @@ class StepMeter:
         vec = torch.tensor(
             [self.sums.get(k, 0.0) for k in keys]
             + [float(self.counts.get(k, 0)) for k in keys]
-            + [float(self.tokens)],
+            + [self.data.wait_s, self.data.step_s, float(self.tokens)],
             dtype=torch.float64,
         )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -42,6 +80,9 @@ class StepMeter:
             vec = vec.cpu()
         n = len(keys)
         means = {k: vec[i].item() / max(1.0, vec[n + i].item()) for i, k in enumerate(keys)}
+        # Summed over ranks: the mean share of step time the ranks waited for their loaders.
+        wait_s, step_s = vec[2 * n].item(), vec[2 * n + 1].item()
+        means["data_wait_frac"] = min(1.0, wait_s / step_s) if step_s > 0 else 0.0
         elapsed = time.perf_counter() - self.t0
         return means, int(vec[-1].item()), elapsed
 

@@ -465,7 +465,7 @@ class Trainer:
                 with torch.random.fork_rng(devices=[]):
                     # Creating a DataLoader iterator draws from the global torch RNG; keep those draws out of the
                     # model's stream, or a resumed run (new iterator mid-epoch) would drift from an uninterrupted one.
-                    batch = next(batches)
+                    batch = meter.data.fetch(batches, self.device)
                 if t.record_keys:
                     self._record_keys(batch)
                 log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == self.total_steps
@@ -479,6 +479,7 @@ class Trainer:
                     self.engine.step()
                     meter.add(res.metrics)
                     meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
+                meter.data.step_done()
                 self.step += 1
                 self.samples_seen += self.plan.global_batch
                 meter.samples += self.plan.global_batch
