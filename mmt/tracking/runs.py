@@ -193,7 +193,14 @@ HEADLINE_METRICS = (
 )
 # What `mmt train` logs for bookkeeping rather than as a result: throughput (compare shows its median in rows of
 # its own), the schedule, memory, the evaluation's sample count and chance baselines.
-BOOKKEEPING_METRICS = ("train/samples_per_s", "train/mfu", "train/tokens_per_s", "train/lr", "train/epoch")
+BOOKKEEPING_METRICS = (
+    "train/samples_per_s",
+    "train/mfu",
+    "train/tokens_per_s",
+    "train/data_wait_frac",
+    "train/lr",
+    "train/epoch",
+)
 DEFAULT_METRIC_CAP = 8
 
 
