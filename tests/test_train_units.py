@@ -308,6 +308,17 @@ def test_data_wait_fraction_is_high_for_a_slow_loader_and_low_for_a_fast_one():
     assert means["data_wait_frac"] == pytest.approx(slow.fraction) and means["loss"] == 1.0
 
 
+def test_demo_prints_the_mean_logged_data_wait(tmp_path):
+    from mmt.training.demo import _data_wait_line
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "train/loss": 2.0, "train/data_wait_frac": 0.02}, {"step": 1, "val/loss": 1.0}]
+    rows.append({"step": 2, "train/loss": 1.5, "train/data_wait_frac": 0.04})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _data_wait_line(path).startswith("  data wait: 3.0 % of step time on average over 2 log lines")
+    assert _data_wait_line(tmp_path / "missing.jsonl") is None
+
+
 def test_split_micro_batches():
     from mmt.training.trainer import split_micro
 
