@@ -1,12 +1,19 @@
-"""Training throughput of mmt's DeepSpeed step (ZeRO-0 and ZeRO-2) against a plain PyTorch loop, side by side.
+"""Training throughput of mmt's DeepSpeed step against plain PyTorch, side by side in one run.
+
+One process (default): mmt's ZeRO-0 and ZeRO-2 step against a plain PyTorch loop. ``--ranks N``: N CPU processes
+(gloo), mmt's ZeRO-0/1/2/3 step against what a user would pick instead, torch ``DistributedDataParallel`` and
+FSDP2 (``torch.distributed.fsdp.fully_shard`` on every transformer block, then the root); ``--batch`` is then the
+global batch, each rank takes its slice.
 
 Same model (configs/model/tiny_tri.yaml unless --model), same AdamW hyper-parameters and parameter groups, same
-gradient clipping, same retrieval loss, and the same real batch (read once from synthetic shards with mmt's loader
-and reused, so data loading is out of the measurement). One process on CPU. The variants take turns step by step
-(A, B, C, A, B, C, ...) so a machine shared with other work slows all of them alike; the median round is reported.
+gradient clipping, same retrieval loss (gathered over the ranks), and the same real batch (read once from synthetic
+shards with mmt's loader and reused, so data loading is out of the measurement). The variants take turns step by
+step (A, B, C, A, B, C, ...) so a machine shared with other work slows all of them alike; the median round is
+reported (rank 0's clock; every step ends in collectives, so the ranks move together).
 
     .venv/bin/python benchmarks/bench_train.py
     .venv/bin/python benchmarks/bench_train.py --batch 64 --steps 20 --rounds 3 --threads 2
+    .venv/bin/python benchmarks/bench_train.py --ranks 2 --steps 8 --rounds 3
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +47,67 @@ def _batch(tmp: Path, model_cfg: str, n: int) -> dict:
     return next(iter(build_train_loader(cfg, 0, 1, n))), cfg
 
 
+def plain_step(task, model, batch: dict, train_cfg, forward=None) -> Callable[[], None]:
+    """One plain PyTorch training step: task loss, backward, clip, AdamW (mmt's parameter groups and settings).
+
+    ``forward``: the module called for the loss when it wraps ``model`` (DistributedDataParallel)."""
+    import torch
+
+    from mmt.training.optim import param_groups
+
+    opt = train_cfg.optimizer
+    adamw = torch.optim.AdamW(
+        param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
+    )
+    dev = torch.device("cpu")
+
+    def step() -> None:
+        res = task.step(forward or model, batch, dev, torch.float32)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+
+    return step
+
+
+def interleaved_times(
+    variants: dict[str, Callable[[], None]], warmup: int, steps: int, rounds: int, barrier=None
+) -> dict[str, list[float]]:
+    """Seconds per round of ``steps`` steps, per variant, the variants taking turns step by step."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    # Step-level interleaving: variant A, B, C, A, B, C, ...; a burst of load from other work hits all alike.
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        spent = dict.fromkeys(variants, 0.0)
+        for _ in range(steps):
+            for name, fn in variants.items():
+                if barrier is not None:
+                    barrier()  # each variant's steps start together on every rank
+                t0 = time.perf_counter()
+                fn()
+                spent[name] += time.perf_counter() - t0
+        for name, v in spent.items():
+            times[name].append(v)
+    return times
+
+
+def plain_training_rate(cfg, batch: dict, steps: int = 15, warmup: int = 3, rounds: int = 3) -> float:
+    """Samples/s of the plain PyTorch loop on ``batch``: the "plain PyTorch loop" row of this benchmark."""
+    import torch
+
+    import mmt
+    from mmt.training.tasks import build_task
+
+    torch.manual_seed(0)
+    step = plain_step(build_task(cfg.model, cfg.train), mmt.create_model(cfg.model), batch, cfg.train)
+    times = interleaved_times({"plain": step}, warmup, steps, rounds)["plain"]
+    n = len(batch["keys"])
+    return n * steps / statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "configs/model/tiny_tri.yaml"))
@@ -46,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default; per rank: cores/ranks)"
+    )
+    p.add_argument("--ranks", type=int, default=1, help="processes (gloo); >1 compares with DDP and FSDP2")
     args = p.parse_args(argv)
+    if args.ranks > 1:
+        return _main_ranks(args)
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -94,34 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
         variants[f"mmt DeepSpeed ZeRO-{stage}"] = ds_step
 
-    plain = fresh_model()
-    adamw = torch.optim.AdamW(
-        param_groups(plain, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
-    )
-
-    def plain_step() -> None:
-        res = task.step(plain, batch, dev, f32)
-        res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
-        adamw.step()
-        adamw.zero_grad(set_to_none=True)
-
-    variants["plain PyTorch loop"] = plain_step
-
-    for fn in variants.values():
-        for _ in range(args.warmup):
-            fn()
-    # Step-level interleaving: variant A, B, C, A, B, C, ...; a burst of load from other work hits all alike.
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        spent = dict.fromkeys(variants, 0.0)
-        for _ in range(args.steps):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                spent[name] += time.perf_counter() - t0
-        for name, v in spent.items():
-            times[name].append(v)
+    variants["plain PyTorch loop"] = plain_step(task, fresh_model(), batch, cfg.train)
+    times = interleaved_times(variants, args.warmup, args.steps, args.rounds)
 
     sps = {k: args.batch * args.steps / statistics.median(v) for k, v in times.items()}
     base = sps["plain PyTorch loop"]
@@ -133,6 +181,122 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in sps.items():
         print(f"{name:<26}{v:>12.1f}{1000 * args.batch / v:>15.1f}{base / v:>19.3f}x")
     return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _main_ranks(args: argparse.Namespace) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    sys.path.insert(0, str(ROOT))
+    import torch.multiprocessing as mp
+
+    if args.batch % args.ranks:
+        print(f"bench_train: --batch {args.batch} is not divisible by --ranks {args.ranks}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        batch, cfg = _batch(Path(tmp), args.model, args.batch)
+    port = _free_port()
+    mp.spawn(_rank_main, args=(args, batch, cfg, port), nprocs=args.ranks, join=True)
+    return 0
+
+
+def _rank_main(rank: int, args: argparse.Namespace, batch: dict, cfg, port: int) -> None:
+    """One rank: builds every variant on the same initial weights, times them step-interleaved."""
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(args.ranks),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(args.ranks),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import mmt
+    from mmt.model.block import TransformerBlock
+    from mmt.training.batching import resolve_batch
+    from mmt.training.distributed import setup_distributed, teardown_distributed
+    from mmt.training.ds_compat import patch_deepspeed
+    from mmt.training.ds_config import build_ds_config
+    from mmt.training.optim import param_groups
+    from mmt.training.tasks import build_task
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.ranks))
+    _, _, created = setup_distributed("cpu", "gloo", 600)
+    patch_deepspeed()
+    n = args.batch // args.ranks
+    local = {
+        k: (v[rank * n : (rank + 1) * n] if isinstance(v, (torch.Tensor, list)) else v)
+        for k, v in batch.items()
+    }
+    cfg.train.global_batch, cfg.train.micro_batch, cfg.train.grad_accum = args.batch, 0, 0
+    task = build_task(cfg.model, cfg.train)
+    dev, f32 = torch.device("cpu"), torch.float32
+    opt = cfg.train.optimizer
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return mmt.create_model(cfg.model)
+
+    variants = {}
+    for stage in (0, 1, 2, 3):
+        cfg.train.zero_stage = stage
+        ds = build_ds_config(cfg.train, resolve_batch(cfg.train, args.ranks), dev)
+        model = fresh_model()
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, opt.weight_decay), config=ds
+        )
+
+        def ds_step(engine=engine) -> None:
+            res = task.step(engine, local, dev, f32)
+            engine.backward(res.loss)
+            engine.step()
+
+        variants[f"mmt DeepSpeed ZeRO-{stage}"] = ds_step
+
+    ddp_model = fresh_model()
+    variants["torch DDP"] = plain_step(task, ddp_model, local, cfg.train, DistributedDataParallel(ddp_model))
+    fsdp_model = fresh_model()
+    for module in list(fsdp_model.modules()):
+        # fully_shard refuses 0-d parameters (the contrastive temperature): the same value as a (1,) tensor.
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                setattr(module, pname, torch.nn.Parameter(p.detach().reshape(1)))
+    for module in fsdp_model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module)
+    fully_shard(fsdp_model)
+    variants["torch FSDP2 (fully_shard)"] = plain_step(task, fsdp_model, local, cfg.train)
+    times = interleaved_times(variants, args.warmup, args.steps, args.rounds, barrier=dist.barrier)
+
+    if rank == 0:
+        sps = {k: args.batch * args.steps / statistics.median(v) for k, v in times.items()}
+        sps_ddp, sps_fsdp = sps["torch DDP"], sps["torch FSDP2 (fully_shard)"]
+        print(
+            f"model {Path(args.model).name}: {fresh_model().num_parameters() / 1e6:.2f}M params | global batch "
+            f"{args.batch} ({n} per rank) | {args.ranks} ranks, gloo, {torch.get_num_threads()} threads each | "
+            f"{args.steps} steps x {args.rounds} rounds"
+        )
+        print(f"{'variant':<28}{'samples/s':>11}{'time/step ms':>14}{'time vs DDP':>13}{'time vs FSDP2':>15}")
+        for name, v in sps.items():
+            print(
+                f"{name:<28}{v:>11.1f}{1000 * args.batch / v:>14.1f}{sps_ddp / v:>12.3f}x{sps_fsdp / v:>14.3f}x"
+            )
+        sys.stdout.flush()
+    teardown_distributed(created)
 
 
 if __name__ == "__main__":
