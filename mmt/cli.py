@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ckpt": ("mmt.ckpt.cli", "main", "inspect, convert and reshard checkpoints"),
     "runs": ("mmt.tracking.runs_cli", "main", "list and compare MLflow runs"),
     "model": ("mmt.model.cli", "main", "build a model from a config and print its size and FLOPs"),
+    "export": ("mmt.export.cli", "main", "export trained towers to ONNX / TorchScript / torch.export (int8)"),
 }
 
 

@@ -66,6 +66,15 @@ class DataConfig:
         default_factory=list,
         doc="several weighted training sources (instead of train_urls; weights: streaming)",
     )
+    format: str = cfg_field(
+        "shards",
+        doc="shards: train_urls / val_urls are WebDataset tars; annotations: each is one JSON / JSONL annotation "
+        "file (mmt shards build field names) with media paths relative to it or to media_root",
+        choices=("shards", "annotations"),
+    )
+    media_root: str = cfg_field(
+        "", doc="annotations: folder the media paths are relative to ('': the file's)"
+    )
     loader: str = cfg_field(
         "indexed",
         doc="indexed: exact resume on any world size; streaming: webdataset pipeline (resampled, mixing)",

@@ -141,6 +141,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not storage.is_remote(args.out) and os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"mmt shards demo: {args.out}: exists and is not a folder", file=sys.stderr)
         return 2
+    if args.annotations:
+        if storage.is_remote(args.out):
+            print(f"mmt shards demo: --annotations writes a local folder, not {args.out}", file=sys.stderr)
+            return 2
+        from mmt.data.build.demo import build_demo_annotations
+
+        info = build_demo_annotations(args.out, val_fraction=args.val_fraction, seed=args.seed)
+        print(f"demo annotations: {info['train_samples']} train + {info['val_samples']} val samples")
+        print(
+            f"  data.format=annotations data.train_urls={info['train_urls']} data.val_urls={info['val_urls']}"
+        )
+        return 0
     info = build_demo(
         args.out,
         val_fraction=args.val_fraction,
@@ -207,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--endpoint-url", default="")
+    p.add_argument(
+        "--annotations",
+        action="store_true",
+        help="write media files + train.jsonl / val.jsonl (the annotation layout) instead of shards",
+    )
     p = sub.add_parser("index", help="write byte-offset index sidecars for existing shards")
     p.add_argument("url", help="brace-expanded shard URLs")
     p.add_argument("--endpoint-url", default="")

@@ -230,11 +230,17 @@ class IndexedDataset(Dataset):
     """Map-style: ``(epoch, position, global index)`` -> decoded sample, or a `SampleFailure` naming URL and key."""
 
     def __init__(
-        self, catalog: ShardCatalog, settings: StorageSettings, decoder: SampleDecoder, seed: int
+        self,
+        catalog: ShardCatalog,
+        settings: StorageSettings,
+        decoder: SampleDecoder,
+        seed: int,
+        reader: Any = None,
     ) -> None:
+        """``reader``: anything with ``read(shard, pos) -> (key, members)`` (default: the shard reader)."""
         self.catalog, self.decoder, self.seed = catalog, decoder, seed
         self.ends = np.cumsum(catalog.counts)
-        self.reader = SampleReader(catalog, settings)
+        self.reader = reader if reader is not None else SampleReader(catalog, settings)
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0

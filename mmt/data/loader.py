@@ -112,8 +112,11 @@ def answer_vocab(cfg: Config, settings: StorageSettings) -> list[str]:
     return vocab
 
 
-def build_codec(cfg: Config, train: bool, settings: StorageSettings) -> tuple[SampleDecoder, Collator]:
-    """The per-sample decoder and the batch collator for ``cfg.train.task`` and the model's towers."""
+def build_codec(
+    cfg: Config, train: bool, settings: StorageSettings | None, vocab: list[str] | None = None
+) -> tuple[SampleDecoder, Collator]:
+    """The per-sample decoder and the batch collator for ``cfg.train.task`` and the model's towers (``vocab``:
+    the VQA answers, else read as `answer_vocab` says)."""
     from mmt.text import build_tokenizer
 
     m, task = cfg.model, cfg.train.task
@@ -145,7 +148,10 @@ def build_codec(cfg: Config, train: bool, settings: StorageSettings) -> tuple[Sa
         audio_len = audio.max_samples
         if spec is not None:
             audio_len, audio_mels = audio_len // m.audio.hop_length + 1, m.audio.n_mels
-    vocab = answer_vocab(cfg, settings) if task == "vqa" else None
+    if task == "vqa" and vocab is None:
+        vocab = answer_vocab(cfg, settings)  # type: ignore[arg-type]
+    elif task != "vqa":
+        vocab = None
     decoder = SampleDecoder(
         task,
         modalities,
@@ -188,6 +194,23 @@ def _catalog(urls: list[str], cfg: Config, settings: StorageSettings, key: str) 
     return catalog
 
 
+def _catalog_and_reader(urls: list[str], cfg: Config, settings: StorageSettings, key: str) -> tuple[Any, Any]:
+    """The shard catalog (reader made by the dataset), or for ``data.format=annotations`` the annotation file's."""
+    if cfg.data.format != "annotations":
+        return _catalog(urls, cfg, settings, key), None
+    from mmt.data.annotations import AnnotationCatalog, AnnotationReader
+
+    if len(urls) != 1:
+        raise ConfigError(SOURCE, key, f"data.format=annotations takes one annotation file, got {len(urls)}")
+    try:
+        catalog = AnnotationCatalog.open(urls[0], cfg.data.media_root)
+    except ValueError as e:
+        raise ConfigError(SOURCE, key, str(e)) from None
+    if catalog.num_samples == 0:
+        raise DataError(f"the annotation file of {key} holds no samples: {urls[0]}")
+    return catalog, AnnotationReader(catalog, "auto")
+
+
 def _tracker(cfg: Config) -> FailureTracker:
     return FailureTracker(cfg.data.max_failure_fraction, cfg.data.failure_check_after)
 
@@ -209,6 +232,8 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
     sources = train_sources(cfg)
     seed = data_seed(cfg)
     if cfg.data.loader == "streaming":
+        if cfg.data.format == "annotations":
+            raise ConfigError(SOURCE, "data.format", "annotations are read by data.loader=indexed only")
         dataset = StreamingDataset(
             sources,
             rank=rank,
@@ -231,7 +256,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
         raise ConfigError(SOURCE, "data.resampled", "resampled mode needs data.loader=streaming")
     urls = [u for s in sources for u in s.urls]
     _check_partitions(cfg.data.partitions, global_batch, world_size)
-    catalog = _catalog(urls, cfg, settings, "data.train_urls")
+    catalog, reader = _catalog_and_reader(urls, cfg, settings, "data.train_urls")
     if cfg.data.partitions > len(catalog.urls):
         raise ConfigError(
             SOURCE,
@@ -257,7 +282,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
     cache = _cache_settings(cfg, catalog, world_size)
     if cache is not None:  # the read-ahead thread alone evicts: readers must not
         settings = dataclasses.replace(settings, cache_max_bytes=0)
-    dataset = IndexedDataset(catalog, settings, decoder, seed)
+    dataset = IndexedDataset(catalog, settings, decoder, seed, reader=reader)
     loader = IndexedLoader(
         dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures, cache
     )
@@ -336,7 +361,7 @@ def build_eval_loader(cfg: Config, rank: int, world_size: int, batch_size: int) 
         raise ConfigError(SOURCE, "data.val_urls", "no evaluation shards")
     settings = storage_settings(cfg)
     decoder, collate = build_codec(cfg, False, settings)
-    catalog = _catalog(storage.expand(cfg.data.val_urls), cfg, settings, "data.val_urls")
+    catalog, reader = _catalog_and_reader(storage.expand(cfg.data.val_urls), cfg, settings, "data.val_urls")
     sampler = StridedSampler(catalog.num_samples, batch_size, rank, world_size)
-    dataset = IndexedDataset(catalog, settings, decoder, data_seed(cfg))
+    dataset = IndexedDataset(catalog, settings, decoder, data_seed(cfg), reader=reader)
     return IndexedLoader(dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures)

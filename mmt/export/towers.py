@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmt.config.model import MultiModalConfig
 from mmt.model.multimodal import INPUT_KEYS, MultiModalModel
 
 TOWERS = ("text", "image", "audio")
@@ -39,9 +40,8 @@ class TowerEncoder(nn.Module):
         return torch.nn.functional.normalize(self.proj(self.pool(feats, tok_mask)), dim=-1)
 
 
-def example_inputs(model: MultiModalModel, modality: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
+def example_inputs(cfg: MultiModalConfig, modality: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Inputs of the right dtypes and shapes for tracing; text rows of different lengths (padding masked)."""
-    cfg = model.cfg
     if modality == "text":
         length = min(12, cfg.text.max_len)
         ids = torch.randint(3, 200, (batch, length))

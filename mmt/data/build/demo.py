@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,4 +134,52 @@ def build_demo(
     payload = {"answers": ANSWER_VOCAB}
     storage.write_bytes(json.dumps(payload, indent=1).encode(), storage.join(out, ANSWERS_NAME), endpoint_url)
     storage.write_bytes(json.dumps(info, indent=1).encode(), storage.join(out, "demo.json"), endpoint_url)
+    return info
+
+
+def build_demo_annotations(out: str, *, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """The same demo as `build_demo` in the annotation layout (local folder): ``OUT/media/KEY.jpg|wav``,
+    ``OUT/train.jsonl`` and ``OUT/val.jsonl`` (fields ``id``, ``image``, ``audio``, ``captions``, ``question``,
+    ``answers``, ``label``: what ``mmt shards build`` reads), ``OUT/answers.json``, ``OUT/demo.json``.
+    Train with ``data.format=annotations data.train_urls=OUT/train.jsonl data.val_urls=OUT/val.jsonl``."""
+    from sklearn.datasets import load_digits
+
+    from mmt.atomic import atomic_write_text
+
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    order = np.random.default_rng(seed).permutation(len(targets))
+    n_val = int(round(len(order) * val_fraction))
+    splits = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
+    root = Path(out)
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "format": "annotations",
+        "answer_vocab": str(root / ANSWERS_NAME),
+        "num_answers": len(ANSWER_VOCAB),
+    }
+    for split, indices in splits.items():
+        lines = []
+        for p in demo_samples(indices, images, targets, seed):
+            s = p.sample or {}
+            meta = json.loads(s["json"])
+            (root / "media" / f"{p.key}.jpg").write_bytes(s["jpg"])
+            (root / "media" / f"{p.key}.wav").write_bytes(s["wav"])
+            record = {
+                "id": p.key,
+                "image": f"media/{p.key}.jpg",
+                "audio": f"media/{p.key}.wav",
+                "captions": meta["captions"],
+                "question": meta["question"],
+                "answers": meta["answers"],
+                "label": meta["label"],
+                "source": meta["source"],
+                "index": meta["index"],
+            }
+            lines.append(json.dumps(record, sort_keys=True))
+        atomic_write_text(root / f"{split}.jsonl", "\n".join(lines) + "\n")
+        info[f"{split}_urls"] = str(root / f"{split}.jsonl")
+        info[f"{split}_samples"] = len(lines)
+    atomic_write_text(root / ANSWERS_NAME, json.dumps({"answers": ANSWER_VOCAB}, indent=1))
+    atomic_write_text(root / "demo.json", json.dumps(info, indent=1))
     return info

@@ -71,8 +71,10 @@ class AudioEncoder(nn.Module):
         p = cfg.patch_frames
         pad = (-f) % p
         frames = F.pad(frames, (0, 0, 0, pad))
-        # log-mel is computed in fp32; follow the weights' dtype (bf16 / fp16 training keeps weights in half)
-        x = self.proj(frames.reshape(b, (f + pad) // p, p * m).to(self.proj.weight.dtype))
+        # log-mel is computed in fp32; follow the weights' dtype (bf16 / fp16 training keeps weights in half),
+        # read from the tower: a dynamically quantized proj (int8 export) has no weight tensor
+        dtype = next(self.tower.parameters()).dtype
+        x = self.proj(frames.reshape(b, (f + pad) // p, p * m).to(dtype))
         if mask is None:
             tok_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:

@@ -1,0 +1,1 @@
+"""Exporting trained towers for deployment: ONNX / TorchScript / torch.export, optionally int8 (`mmt export`)."""
