@@ -73,8 +73,13 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-def start_mlflow_server(root: Path) -> tuple[MlflowServer, subprocess.Popen]:
-    """Start `mlflow server` with its data under `root` and wait until /health answers."""
+def start_mlflow_server(
+    root: Path, admin: tuple[str, str] | None = None
+) -> tuple[MlflowServer, subprocess.Popen]:
+    """Start `mlflow server` with its data under `root` and wait until /health answers.
+
+    ``admin=(user, password)``: MLflow's basic-auth app (``--app-name basic-auth``, users in ``root/auth.db``);
+    every request then needs credentials, ``user`` being its administrator."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = MlflowServer(
@@ -97,12 +102,27 @@ def start_mlflow_server(root: Path) -> tuple[MlflowServer, subprocess.Popen]:
         "--workers",
         "1",
     ]
+    auth_env = {}
+    if admin is not None:
+        ini = root / "basic_auth.ini"
+        ini.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = {admin[0]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        cmd += ["--app-name", "basic-auth"]
+        auth_env = {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "mmt-tests",
+        }
     # The job runner (huey consumers for GenAI jobs) is not needed to track runs; it doubles start-up time.
     env = {
         **os.environ,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **auth_env,
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(server.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime

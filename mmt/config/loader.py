@@ -173,5 +173,8 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically; `load_config` reads it back equal."""
-    return atomic_write_text(path, dump_yaml(cfg))
+    """Write the resolved config as YAML atomically, secrets shown as ``***`` (`mmt.config.secrets`): the file
+    sits in run folders and is logged to MLflow. `load_config` reads everything else back equal."""
+    from mmt.config.secrets import redacted_config
+
+    return atomic_write_text(path, yaml.safe_dump(redacted_config(cfg), sort_keys=False))

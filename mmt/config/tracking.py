@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmt.config.fields import cfg_field
+from mmt.config.secrets import DEFAULT_SECRET_KEYS
 
 
 @dataclass
@@ -29,3 +30,8 @@ class TrackingConfig:
         True, doc="log process memory (and GPU memory) with the step metrics"
     )
     tags: str = cfg_field("", doc="extra run tags as comma-separated key=value pairs")
+    redact_keys: str = cfg_field(
+        DEFAULT_SECRET_KEYS,
+        doc="comma-separated glob patterns (case-insensitive) of key names whose values are secrets: shown as "
+        "*** in MLflow, saved configs, the console and metrics.jsonl (URL user-info always is)",
+    )

@@ -12,7 +12,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmt.config import Config, ConfigError, load_config
@@ -20,6 +20,7 @@ from mmt.slurm.template import render
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
 CONFIG_NAME = "config.yaml"
+ENV_NAME = "job.env"
 
 # torchrun's own default; the configured preemption signal is taken out (the ranks handle it, not the agent).
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -44,10 +45,15 @@ class JobPlan:
     script: str
     members: list[Member]
     job_dir: Path  # where the script (and, for arrays, the logs and sweep.json) go
+    env: dict[str, str] = field(default_factory=dict)  # exported to every rank, from job.env (mode 0600)
 
     @property
     def script_path(self) -> Path:
         return self.job_dir / "job.sbatch"
+
+    @property
+    def env_path(self) -> Path:
+        return self.job_dir / ENV_NAME
 
     @property
     def is_array(self) -> bool:
@@ -126,11 +132,29 @@ def expand_members(
     return base, members
 
 
+def job_environment(members: list[Member]) -> dict[str, str]:
+    """What every rank exports: ``slurm.env``, plus the user-info of ``tracking.uri`` as MLflow's credential
+    variables (the saved configs show that URI as ``***@``). Secrets, so they go to the 0600 ``job.env``."""
+    from mmt.config.secrets import PASSWORD_ENV, REDACTED, USERNAME_ENV, split_userinfo
+
+    env = dict(members[0].config.slurm.env)
+    for m in members:
+        _, user, password = split_userinfo(m.config.tracking.uri)
+        if user and user != REDACTED:
+            env.setdefault(USERNAME_ENV, user)
+            if password:
+                env.setdefault(PASSWORD_ENV, password)
+            break
+    return env
+
+
 def _quote_list(items: list[str]) -> str:
     return " ".join(shlex.quote(i) for i in items)
 
 
-def template_values(members: list[Member], job_dir: Path, workdir: Path, job_name: str) -> dict[str, object]:
+def template_values(
+    members: list[Member], job_dir: Path, workdir: Path, job_name: str, env: dict[str, str]
+) -> dict[str, object]:
     """Everything the template needs, from the (shared) `slurm` section of the members' configs."""
     from mmt.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
@@ -170,7 +194,7 @@ def template_values(members: list[Member], job_dir: Path, workdir: Path, job_nam
         "configs": _quote_list([str(m.config_path) for m in members]),
         "run_dirs": _quote_list([str(m.run_dir) for m in members]),
         "setup": s.setup.rstrip("\n"),
-        "env": [f"{k}={shlex.quote(v)}" for k, v in sorted(s.env.items())],
+        "env_file": shlex.quote(str(job_dir / ENV_NAME)) if env else "",
         "master_port": s.master_port,
         "launch": s.launch,
         "launch_srun": not torchrun,
@@ -199,16 +223,25 @@ def plan_job(
     template = Path(template or DEFAULT_TEMPLATE)
     if not template.is_file():
         raise FileNotFoundError(f"sbatch template {template} not found (pass --template PATH)")
+    env = job_environment(members)
     script = render(
         template.read_text(),
-        template_values(members, job_dir, workdir, base.tracking.run_name),
+        template_values(members, job_dir, workdir, base.tracking.run_name, env),
         str(template),
     )
-    return JobPlan(script, members, job_dir)
+    return JobPlan(script, members, job_dir, env)
+
+
+def _redact_override(override: str, cfg: Config) -> str:
+    from mmt.config.secrets import redact, secret_patterns
+
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact({key: value}, secret_patterns(cfg.tracking.redact_keys))[key]}"
 
 
 def write_job(plan: JobPlan) -> Path:
-    """Write each member's resolved config into its run directory, the script (and sweep.json) atomically."""
+    """Write each member's resolved config (secrets redacted) into its run directory, the script (and
+    sweep.json) atomically, and the job's environment to ``job.env``, readable by its owner only."""
     from mmt.atomic import atomic_write_text
     from mmt.config import save_config
 
@@ -221,9 +254,12 @@ def write_job(plan: JobPlan) -> Path:
                 "label": m.label,
                 "run_dir": str(m.run_dir),
                 "run_name": m.config.tracking.run_name,
-                "overrides": m.overrides,
+                "overrides": [_redact_override(o, m.config) for o in m.overrides],
             }
             for i, m in enumerate(plan.members)
         ]
         atomic_write_text(plan.job_dir / "sweep.json", json.dumps(manifest, indent=2) + "\n")
+    if plan.env:
+        lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(plan.env.items()))
+        atomic_write_text(plan.env_path, lines, mode=0o600)
     return atomic_write_text(plan.script_path, plan.script, mode=0o755)

@@ -19,6 +19,28 @@ from typing import Any, Protocol
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
+class TrackingError(Exception):
+    """The tracking server refused or could not be reached when the run started: one line, no secrets."""
+
+
+def describe_tracking_error(message: str, uri: str) -> str:
+    """One line for an MLflow failure at ``uri``: what went wrong and what to set, credentials never shown."""
+    from mmt.config.secrets import PASSWORD_ENV, USERNAME_ENV, redact_url
+
+    where = f"MLflow at {redact_url(uri)}"
+    if "error code 401" in message:
+        user = os.environ.get(USERNAME_ENV)
+        who = f"as user {user!r}" if user else f"without credentials ({USERNAME_ENV} is not set)"
+        return (
+            f"{where}: authentication failed {who} (HTTP 401); set {USERNAME_ENV} and {PASSWORD_ENV} "
+            "to a valid user and password"
+        )
+    if "error code 403" in message:
+        return f"{where}: permission denied for user {os.environ.get(USERNAME_ENV)!r} (HTTP 403)"
+    first = redact_url(" ".join(message.split()) or "unknown error")
+    return f"{where}: {first[:300]}"
+
+
 class Logger(Protocol):
     run_id: str | None
 
@@ -116,6 +138,38 @@ class JsonlLogger(NullLogger):
     def close(self, status: str = FINISHED) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+class RedactingLogger:
+    """Passes everything on with secrets replaced (`mmt.config.secrets.redact`): params and tags by key pattern
+    and URL user-info, string metric values by URL user-info. The one door to every backend on rank 0."""
+
+    def __init__(self, inner: Logger, patterns: tuple[str, ...]) -> None:
+        from mmt.config.secrets import redact
+
+        self.inner, self.patterns, self._redact = inner, patterns, redact
+
+    @property
+    def run_id(self) -> str | None:
+        return self.inner.run_id
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.inner.log({k: self._redact(v, ()) for k, v in metrics.items()}, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.inner.log_params(self._redact(dict(params), self.patterns))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.inner.set_tags(self._redact(dict(tags), self.patterns))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self, status: str = FINISHED) -> None:
+        self.inner.close(status)
 
 
 class MultiLogger:

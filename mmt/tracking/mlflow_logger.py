@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmt.tracking.logger import FAILED, FINISHED
+from mmt.config.secrets import tracking_credentials
+from mmt.tracking.logger import FAILED, FINISHED, TrackingError, describe_tracking_error
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -73,15 +74,19 @@ class MLflowLogger:
         artifact_location: str = "",
         flush_interval_s: float = 5.0,
     ) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self.uri = default_tracking_uri(uri)
+        self.uri = tracking_credentials(default_tracking_uri(uri))  # user-info -> MLFLOW_TRACKING_* vars
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment_id(
-            experiment, artifact_location or default_artifact_location(self.uri)
-        )
         self.resumed = False
-        self.run_id = self._start_run(run_id, run_name, dict(tags or {}))
+        try:
+            self.experiment_id = self._experiment_id(
+                experiment, artifact_location or default_artifact_location(self.uri)
+            )
+            self.run_id = self._start_run(run_id, run_name, dict(tags or {}))
+        except MlflowException as e:  # a wrong password, a missing permission: one line, before any work
+            raise TrackingError(describe_tracking_error(e.message, self.uri)) from None
         self.flush_interval_s = flush_interval_s
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None

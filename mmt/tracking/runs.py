@@ -51,7 +51,9 @@ def open_client(uri: str) -> MlflowClient:
                 f"no MLflow store at {path} (tracking URI {uri}); "
                 "set MLFLOW_TRACKING_URI or pass --tracking-uri to point at the runs"
             )
-    return MlflowClient(tracking_uri=uri)
+    from mmt.config.secrets import tracking_credentials
+
+    return MlflowClient(tracking_uri=tracking_credentials(uri))  # user-info -> MLFLOW_TRACKING_* variables
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from mmt.cliargs import ArgumentParser
+from mmt.config.secrets import redact_url
 from mmt.tracking.runs import (
     DEFAULT_METRIC_CAP,
     TAG_CHECKPOINT_DIR,
@@ -324,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmt runs {args.command}: error: {e}", file=sys.stderr)
         return 2
     except MlflowException as e:
+        from mmt.tracking.logger import describe_tracking_error
+
         uri = resolve_tracking_uri(args.tracking_uri)
-        print(
-            f"mmt runs {args.command}: MLflow error at {uri}: {' '.join(e.message.split())}", file=sys.stderr
-        )
+        print(f"mmt runs {args.command}: {describe_tracking_error(e.message, uri)}", file=sys.stderr)
         return 2
     except SQLAlchemyError as e:  # a file that is not an MLflow database
-        uri = resolve_tracking_uri(args.tracking_uri)
+        uri = redact_url(resolve_tracking_uri(args.tracking_uri))
         print(
             f"mmt runs {args.command}: cannot read the MLflow store at {uri}: {getattr(e, 'orig', None) or e}",
             file=sys.stderr,

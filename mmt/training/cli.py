@@ -43,6 +43,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmt train: config error: {e}", file=sys.stderr)
         return 2
+    from mmt.tracking.logger import TrackingError
     from mmt.training.checkpoint import CheckpointError
     from mmt.training.trainer import train
 
@@ -53,6 +54,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointError as e:
         print(f"mmt train: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except TrackingError as e:
+        print(f"mmt train: tracking error: {e}", file=sys.stderr)
         return 2
     if result.exit_code == 0 and _is_rank0():
         summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}

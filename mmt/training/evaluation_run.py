@@ -104,9 +104,10 @@ def evaluate_checkpoint(
         if log_mlflow and meta.get("mlflow_run_id"):
             from mlflow.tracking import MlflowClient
 
+            from mmt.config.secrets import tracking_credentials
             from mmt.tracking.mlflow_logger import default_tracking_uri
 
-            client = MlflowClient(default_tracking_uri(cfg.tracking.uri))
+            client = MlflowClient(tracking_credentials(default_tracking_uri(cfg.tracking.uri)))
             for k, v in metrics.items():
                 if k.startswith("val/"):
                     client.log_metric(

@@ -160,7 +160,10 @@ def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, r
     """Rank 0: MLflow (unless tracking.backend=none) + console line + <run_dir>/metrics.jsonl; other ranks: none."""
     if rank != 0:
         return NullLogger()
-    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger
+    from mmt.config.secrets import redact, secret_patterns
+    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger, RedactingLogger
+
+    patterns = secret_patterns(cfg.tracking.redact_keys)
 
     loggers: list[Logger] = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.tracking.backend == "mlflow":
@@ -174,9 +177,9 @@ def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, r
                 cfg.tracking.run_name,
                 uri=cfg.tracking.uri,
                 run_id=run_id,
-                tags=tags,
+                tags=redact(tags, patterns),
                 artifact_location=cfg.tracking.artifact_location,
                 flush_interval_s=cfg.tracking.flush_interval_s,
             ),
         )
-    return MultiLogger(*loggers)
+    return RedactingLogger(MultiLogger(*loggers), patterns)

@@ -25,6 +25,7 @@ from mmt.atomic import atomic_write_text
 from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
+from mmt.config.secrets import redact, redacted_config, secret_patterns
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
 from mmt.training import distributed as D
 from mmt.training.batching import BatchPlan, resolve_batch
@@ -306,10 +307,11 @@ class Trainer:
 
     def _log_run_start(self) -> None:
         cfg_path = save_config(self.cfg, self.run_dir / "config.yaml")
+        patterns = secret_patterns(self.cfg.tracking.redact_keys)
         ds_path = atomic_write_text(
-            self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n"
+            self.run_dir / "ds_config.json", json.dumps(redact(self.ds_config, patterns), indent=2) + "\n"
         )
-        self.logger.log_params(flatten(self.cfg))
+        self.logger.log_params(flatten(redacted_config(self.cfg)))
         tags = system_tags(self.env, self.device)
         tags.update(
             {
@@ -405,7 +407,7 @@ class Trainer:
             "zero_stage": self.ds_config["zero_optimization"]["stage"],
             "dtype": self.cfg.train.precision,
             "mlflow_run_id": self.run_id,
-            "config": to_dict(self.cfg),
+            "config": redacted_config(self.cfg),
             "task": self.cfg.train.task,
             "global_batch": self.plan.global_batch,
             "time": time.time(),

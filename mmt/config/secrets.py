@@ -1,0 +1,106 @@
+"""Secrets in a config never leave the machine: what mmt logs, saves or prints shows ``***`` in their place.
+
+A config legitimately carries secrets: ``slurm.env`` exports credentials to every rank, a ``tracking.uri`` may
+hold ``user:password@``. Everything derived from the config that others can read (MLflow params, tags and the
+logged ``config.yaml``, the run folder's ``config.yaml``, ``ds_config.json`` and ``mmt_meta.json``, the console,
+``metrics.jsonl``) goes through `redact`: a value whose key matches one of ``tracking.redact_keys`` (glob
+patterns, case-insensitive, on the last key name: ``*SECRET*`` matches ``AWS_SECRET_ACCESS_KEY``) becomes
+``***``, and URL user-info anywhere in a string becomes ``scheme://***@host``. The default patterns skip
+``*TOKEN*`` on purpose: ``caption_max_tokens`` is not a secret, ``HF_TOKEN`` (``*TOKEN``) is.
+
+A tracking URI's credentials are handed to the MLflow client through ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (`tracking_credentials`), never inside the URI, so MLflow's own messages cannot
+show them either.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from typing import Any
+from urllib.parse import unquote
+
+REDACTED = "***"
+DEFAULT_SECRET_KEYS = (
+    "*SECRET*,*PASSWORD*,*PASSWD*,*CREDENTIAL*,*TOKEN,*_TOKEN_*,*_KEY,*API_KEY*,*PRIVATE_KEY*,*_PAT"
+)
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+# scheme://user[:password]@ ... (user-info stops at the first '/', whitespace or quote; '@' ends it)
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
+# KEY=value or KEY: value inside text; the value runs to the next separator (comma, space, quote, ';')
+_PAIR = re.compile(r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*[=:]\s*)(?P<v>[^,;\s'\"]+)")
+
+
+def secret_patterns(spec: str) -> tuple[str, ...]:
+    """``"*SECRET*, *_KEY"`` -> ``("*SECRET*", "*_KEY")``."""
+    return tuple(p.strip().upper() for p in spec.split(",") if p.strip())
+
+
+def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a value stored under ``key`` (its last dotted part) must never be shown."""
+    name = str(key).rsplit(".", 1)[-1].upper()
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def redact_url(text: str) -> str:
+    """``https://user:pw@host/x`` -> ``https://***@host/x``, wherever URLs occur in ``text``."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
+def redact_text(text: str, patterns: tuple[str, ...]) -> str:
+    """URL user-info, and ``KEY=value`` / ``KEY: value`` pairs with a secret key (``tracking.tags``
+    ``ci_token=...``, an ``export HF_TOKEN=...`` in ``slurm.setup``) inside free text."""
+
+    def pair(m: re.Match) -> str:
+        return (
+            m.group(0)
+            if not is_secret_key(m.group("k"), patterns)
+            else f"{m.group('k')}{m.group('sep')}{REDACTED}"
+        )
+
+    return _PAIR.sub(pair, redact_url(text)) if patterns else redact_url(text)
+
+
+def redact(obj: Any, patterns: tuple[str, ...], key: str = "") -> Any:
+    """A copy of ``obj`` (dicts, lists, scalars) with secret-keyed values and URL user-info replaced."""
+    if key and is_secret_key(key, patterns) and obj not in (None, "", {}, []):
+        return REDACTED
+    if isinstance(obj, dict):
+        return {k: redact(v, patterns, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, patterns) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj, patterns)
+    return obj
+
+
+def redacted_config(cfg: Any) -> dict[str, Any]:
+    """The config as a dict, safe to log, save next to the run or print (patterns from ``tracking.redact_keys``)."""
+    from mmt.config.loader import to_dict
+
+    d = to_dict(cfg)
+    spec = d.get("tracking", {}).get("redact_keys", DEFAULT_SECRET_KEYS)
+    return redact(d, secret_patterns(spec))
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://u:p@host`` -> ``("http://host", "u", "p")``; no user-info -> ``(uri, None, None)``."""
+    m = _USERINFO.match(uri)
+    if not m:
+        return uri, None, None
+    user, _, password = m.group("info").partition(":")
+    return m.group("scheme") + uri[m.end() :], unquote(user), unquote(password) if password else None
+
+
+def tracking_credentials(uri: str) -> str:
+    """The URI to give MLflow: user-info taken out; real credentials in it become the ``MLFLOW_TRACKING_*``
+    variables MLflow reads (unless already set: the environment wins). A redacted ``***@`` (a saved config)
+    just goes: the job's environment carries the credentials."""
+    bare, user, password = split_userinfo(uri)
+    if user and user != REDACTED:
+        os.environ.setdefault(USERNAME_ENV, user)
+        if password:
+            os.environ.setdefault(PASSWORD_ENV, password)
+    return bare
