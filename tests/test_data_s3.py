@@ -15,6 +15,8 @@ from mmt.data.cli import main as shards_main
 from mmt.data.faults import DataError
 from mmt.data.loader import build_eval_loader, build_train_loader
 from mmt.data.synthetic import write_synthetic_shards
+from mmt.training.distributed import DistEnv
+from mmt.training.telemetry import NodeMeter
 from tests.fixtures_data import data_config, epoch_keys
 from tests.fixtures_s3 import moto_s3, s3_bucket  # noqa: F401
 
@@ -175,10 +177,15 @@ def test_two_nodes_fetch_each_shard_once_per_epoch_under_a_small_cache(tmp_path,
         assert all(set(f) <= r for f, r in zip(fetched, read))
         if epoch == 0:
             assert [set(f) for f in fetched] == read  # the first epoch starts with empty caches
-    for ld in loaders:
+    for r, ld in enumerate(loaders):
         io = ld.io_stats()
         assert io["cache_peak_bytes"] <= cap and io["cache_evictions"] > 0
         assert io["bytes_fetched"] <= sum(sizes)  # half of the data per epoch, not all of it
+        # what the trainer logs for this node (rank r is node r here: one rank per node)
+        node = NodeMeter(DistEnv(r, 2, 0, 1, "env", "", 0)).reduce(ld)
+        assert node[f"node{r}/data_fetched_gb"] == io["bytes_fetched"] / 1e9
+        assert node[f"node{r}/data_shard_fetches"] == io["shard_fetches"] and node[f"node{r}/rss_gb"] > 0
+        assert node[f"node{r}/data_cache_hit_rate"] == io["cache_hit_rate"]
     small = data_config(
         tmp_path, train_urls=urls, partitions=4, shard_window=1, cache_max_gb=max(sizes) / 1e9
     )

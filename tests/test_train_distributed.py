@@ -227,7 +227,16 @@ def test_mlflow_records_params_metrics_artifacts_and_continues_the_run(runs):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     ref_loss = {s: r["train/loss"] for s, r in train_rows(tmp / "resume_ref").items()}
     assert all(m.value == pytest.approx(ref_loss[m.step], rel=1e-6) for m in history)
-    for key in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s"):
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "node0/cpu_percent",  # both ranks on one node: their figures summed under node0
+        "node0/rss_gb",
+        "node0/data_fetched_gb",
+        "node0/data_cache_hit_rate",
+    ):
         assert client.get_metric_history(run_.info.run_id, key), key
     # Data wait: the share of step time blocked on the loader, in MLflow and metrics.jsonl on every log line.
     waits = client.get_metric_history(run_.info.run_id, "train/data_wait_frac")

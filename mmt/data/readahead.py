@@ -96,7 +96,9 @@ class ReadAhead:
         self.cache, self.urls, self.schedule = cache, urls, schedule
         self.budget, self.readahead, self.lookahead = budget, max(1, readahead), max(1, lookahead)
         self.consumed = consumed
-        self.present: dict[str, tuple[int, int]] = {u: (n, -1) for u, n in (carried or {}).items()}
+        last_use = {urls[int(sh)]: int(last) for sh, last in zip(schedule.shards, schedule.last)}
+        # cached files from before: kept until their last use in this epoch, evictable at once if not read again
+        self.present = {u: (n, last_use.get(u, -1)) for u, n in (carried or {}).items()}
         self.used = sum(n for n, _ in self.present.values())
         self.peak = self.used
         self.evictions = 0

@@ -156,6 +156,78 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return out
 
 
+def process_tree_usage() -> tuple[float, float]:
+    """(CPU seconds, resident bytes) of this process and its children (DataLoader workers, forkserver)."""
+    import psutil
+
+    cpu = rss = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            rss += p.memory_info().rss
+        except psutil.Error:  # a worker that just exited
+            continue
+    return cpu, rss
+
+
+class NodeMeter:
+    """Per-node data I/O and system figures for the one run rank 0 logs: every rank's loader counters (bytes
+    fetched, shard fetches, cache hits, download wait) and process-tree CPU / RSS, gathered at logging steps only
+    (one small all_gather) and summed per node, logged as ``node<k>/...``.
+
+    Ranks are grouped into nodes as launchers place them: ``GROUP_RANK`` (torchrun) if set, else
+    ``rank // local_world_size`` (contiguous ranks per node).
+    """
+
+    def __init__(self, env: D.DistEnv) -> None:
+        self.node = int(os.environ.get("GROUP_RANK") or env.rank // max(1, env.local_world_size))
+        self.t0 = time.perf_counter()
+        self.cpu0 = process_tree_usage()[0]
+
+    def local(self, loader: object) -> dict[str, float]:
+        out: dict[str, float] = {"node": float(self.node)}
+        io_stats = getattr(loader, "io_stats", None)
+        if io_stats is not None:
+            io = io_stats()
+            for k in (
+                "bytes_fetched",
+                "shard_fetches",
+                "range_reads",
+                "cache_hits",
+                "cache_misses",
+                "wait_s",
+            ):
+                out[k] = float(io.get(k, 0))
+        now, (cpu, rss) = time.perf_counter(), process_tree_usage()
+        out["cpu_percent"] = 100.0 * (cpu - self.cpu0) / max(now - self.t0, 1e-9)
+        out["rss_bytes"] = rss
+        self.t0, self.cpu0 = now, cpu
+        return out
+
+    def reduce(self, loader: object) -> dict[str, float]:
+        """Every node's figures (on every rank; rank 0 logs them)."""
+        per_node: dict[int, dict[str, float]] = {}
+        for rank_figures in D.gather_objects(self.local(loader)):
+            node = per_node.setdefault(int(rank_figures.pop("node")), {})
+            for k, v in rank_figures.items():
+                node[k] = node.get(k, 0.0) + v
+        metrics: dict[str, float] = {}
+        for node, f in sorted(per_node.items()):
+            p = f"node{node}/"
+            if "bytes_fetched" in f:
+                reads = f["cache_hits"] + f["cache_misses"]
+                metrics[p + "data_fetched_gb"] = f["bytes_fetched"] / 1e9
+                metrics[p + "data_shard_fetches"] = f["shard_fetches"]
+                metrics[p + "data_range_reads"] = f["range_reads"]
+                metrics[p + "data_cache_hit_rate"] = f["cache_hits"] / reads if reads else 1.0
+                metrics[p + "data_download_wait_s"] = f["wait_s"]
+            metrics[p + "cpu_percent"] = f["cpu_percent"]
+            metrics[p + "rss_gb"] = f["rss_bytes"] / 2**30
+        return metrics
+
+
 def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, run_dir: Path) -> Logger:
     """Rank 0: MLflow (unless tracking.backend=none) + console line + <run_dir>/metrics.jsonl; other ranks: none."""
     if rank != 0:

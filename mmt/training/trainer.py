@@ -44,7 +44,14 @@ from mmt.training.preemption import (
 )
 from mmt.training.rng import capture_rng, restore_rng, seed_everything
 from mmt.training.tasks import Task, build_task
-from mmt.training.telemetry import StepMeter, build_logger, grad_norm, memory_metrics, system_tags
+from mmt.training.telemetry import (
+    NodeMeter,
+    StepMeter,
+    build_logger,
+    grad_norm,
+    memory_metrics,
+    system_tags,
+)
 
 LoaderFactory = Callable[[Config, int, int, BatchPlan], Any]
 EvalLoaderFactory = Callable[[Config, int, int, int], Iterable[dict[str, Any]]]
@@ -127,6 +134,7 @@ class Trainer:
             t.device, t.dist_backend, t.dist_timeout_s
         )
         self.rank, self.world = self.env.rank, self.env.world_size
+        self._node_meter = NodeMeter(self.env)
         import socket
 
         self._hostnames = D.gather_objects(socket.gethostname())
@@ -536,6 +544,7 @@ class Trainer:
             metrics["train/mfu"] = u
         if self.cfg.tracking.log_system_metrics:
             metrics.update(memory_metrics(self.device))
+            metrics.update(self._node_meter.reduce(self.train_loader))
         self.logger.log(metrics, self.step)
         return metrics
 
