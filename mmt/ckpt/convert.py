@@ -181,19 +181,24 @@ def convert_checkpoint(
     try:
         bar = _progress(total, progress)
         shard_of = {i: s for s, idx in enumerate(shards) for i in idx}
-        stream = ck.iter_tensors(names)
+        # fp32 out of fp32 masters: the values go from the mapped partitions to the file with no copy in between
+        stream = ck.iter_tensors(names, pieces=True)
         current = -1
-        for i, (name, tensor) in enumerate(stream):
+        for i, (name, pieces) in enumerate(stream):
             s = shard_of[i]
             if s != current:
                 if writer is not None:
                     writer.close()
                 current = s
                 writer = SafetensorsStreamWriter(tmp / filenames[s], [specs[j] for j in shards[s]], metadata)
-            t = tensor.to(specs[i][2])
-            writer.write(name, t)  # type: ignore[union-attr]
+            if all(t.dtype == specs[i][2] for t in pieces):
+                writer.write_pieces(name, pieces)  # type: ignore[union-attr]
+            else:
+                t = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(specs[i][2]).view(specs[i][1])
+                writer.write(name, t)  # type: ignore[union-attr]
+                del t
             bar.update(nbytes(specs[i][1], specs[i][2]))
-            del tensor, t
+            del pieces
         if writer is not None:
             writer.close()
             writer = None

@@ -77,8 +77,10 @@ class _FlatReader:
                 ) from None
         return self._cache[rank]
 
-    def read(self, rank: int, group: int, start: int, n: int) -> torch.Tensor:
-        out = self.groups(rank)[group][start : start + n].clone()
+    def read(self, rank: int, group: int, start: int, n: int, copy: bool = True) -> torch.Tensor:
+        """The values; ``copy=False`` returns a view into the mapped file (kept alive by the view alone)."""
+        out = self.groups(rank)[group][start : start + n]
+        out = out.clone() if copy else out
         self._read += n * out.element_size()
         if self._read >= self.budget:
             self.release()
@@ -497,8 +499,14 @@ class ZeroCheckpoint:
         return {k: e.shape for k, e in self.entries.items()}
 
     # ---------------------------------------------------------------- reading
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` in checkpoint order: fp32 for parameters, the stored dtype for buffers."""
+    def iter_tensors(
+        self, names: list[str] | None = None, *, pieces: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in checkpoint order: fp32 for parameters and float buffers.
+
+        ``pieces=True`` yields ``(name, [1-D tensors])`` instead, whose concatenation is the flattened tensor: views
+        straight into the mapped rank partitions, so a writer can copy them out without any intermediate copy.
+        """
         wanted = list(self.entries) if names is None else names
         reader = _FlatReader(self.optim_files, getattr(self, "_flat_key", ""), self.read_budget)
         frozen_frags: dict[int, dict[str, torch.Tensor]] = {}
@@ -507,6 +515,10 @@ class ZeroCheckpoint:
         try:
             for name in wanted:
                 e = self.entries[name]
+                if pieces:
+                    src = self.entries[e.source] if e.kind == "shared" else e
+                    yield name, self._read_pieces(src, reader, frozen_frags)  # type: ignore[misc]
+                    continue
                 if e.kind == "shared":
                     t = (
                         cache[e.source]
@@ -550,6 +562,42 @@ class ZeroCheckpoint:
                 f"{self.dir}: {e.name}: only {t.numel()} of {e.numel} values in the partitions"
             )
         return t.view(e.shape)
+
+    def _read_pieces(
+        self, e: Entry, reader: _FlatReader, frozen: dict[int, dict[str, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Like `_read`, flattened into pieces that are views of the mapped partitions where possible."""
+        if e.kind != "param":
+            return [self._read(e, reader, frozen).reshape(-1)]
+        out: list[torch.Tensor] = []
+        if self.stage == 3:
+            part = _partition_numel(e.numel, self.world_size)
+            left = e.numel
+            for r in range(self.world_size):
+                take = min(part, left)
+                if take > 0:
+                    out += self._rank_range_pieces(reader, r, e.offset, take)
+                left -= take
+        else:
+            start, need, base = e.offset, e.numel, 0
+            for r in range(self.world_size):
+                length = self._lengths[r][e.group]
+                lo, hi = max(start, base), min(start + need, base + length)
+                if lo < hi:
+                    out.append(reader.read(r, e.group, lo - base, hi - lo, copy=False))
+                base += length
+        if sum(t.numel() for t in out) != e.numel:
+            raise CheckpointError(f"{self.dir}: {e.name}: the partitions do not hold all {e.numel} values")
+        return out
+
+    def _rank_range_pieces(self, reader: _FlatReader, rank: int, start: int, n: int) -> list[torch.Tensor]:
+        pieces, base = [], 0
+        for g, length in enumerate(self._lengths[rank]):
+            lo, hi = max(start, base), min(start + n, base + length)
+            if lo < hi:
+                pieces.append(reader.read(rank, g, lo - base, hi - lo, copy=False))
+            base += length
+        return pieces
 
     def _read_rank_range(self, reader: _FlatReader, rank: int, start: int, n: int) -> torch.Tensor:
         """``n`` values from ``start`` of a rank's flat vector (its sub-groups back to back)."""

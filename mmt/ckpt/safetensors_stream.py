@@ -75,6 +75,23 @@ class SafetensorsStreamWriter:
             self._f.write(t.view(torch.uint8).numpy().data if t.dtype != torch.bool else t.numpy().tobytes())
         self._next += 1
 
+    def write_pieces(self, name: str, pieces: list[torch.Tensor]) -> None:
+        """Write the next tensor given as 1-D pieces of its flattened values (in the declared dtype), each copied
+        straight from its memory (a mapped checkpoint file) into the output, with no concatenated copy."""
+        exp_name, shape, dtype = self._specs[self._next]
+        n = sum(int(t.numel()) for t in pieces)
+        if name != exp_name or n != math.prod(shape) or any(t.dtype != dtype for t in pieces):
+            raise CheckpointError(
+                f"{self.path}: expected {exp_name} {tuple(shape)} {dtype}, got {name} ({n} values)"
+            )
+        for t in pieces:
+            if t.numel():
+                t = t.contiguous()
+                self._f.write(
+                    t.view(torch.uint8).numpy().data if t.dtype != torch.bool else t.numpy().tobytes()
+                )
+        self._next += 1
+
     def close(self) -> Path:
         if self._next != len(self._specs):
             self.abort()
