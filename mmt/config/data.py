@@ -137,6 +137,12 @@ class DataConfig:
         doc="samples read before the failure fraction is enforced (it is always enforced at epoch end)",
         ge=1,
     )
+    max_member_mb: float = cfg_field(
+        256.0,
+        doc="a sample with a tar member larger than this (MiB) is skipped and counted, never read into memory "
+        "(0: no limit)",
+        ge=0,
+    )
     text_max_len: int = cfg_field(0, doc="token limit (0: model.text.max_len)", ge=0)
     caption_choice: str = cfg_field(
         "random",

@@ -73,6 +73,7 @@ def storage_settings(cfg: Config) -> StorageSettings:
         backoff_s=d.retry_backoff_s,
         cache_max_bytes=int(d.cache_max_gb * 1e9),
         remote_read=d.remote_read,
+        max_member_bytes=int(d.max_member_mb * 2**20),
     )
 
 

@@ -10,9 +10,22 @@ from PIL import Image
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 
 
+# Images come from untrusted shards: a header claiming more pixels than this is refused before decoding (a
+# decompression bomb: a few KB that would decode to GBs). Pillow's own guard only raises at twice its limit.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def _check_pixels(img: Image.Image) -> None:
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image of {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS:,}: a decompression bomb?"
+        )
+
+
 def open_image(data: bytes) -> Image.Image:
     """Decode fully (``verify`` + ``load``) so a truncated or corrupt file fails here, not later; RGB out."""
     with Image.open(io.BytesIO(data)) as probe:
+        _check_pixels(probe)
         probe.verify()
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -28,6 +41,7 @@ def open_image(data: bytes) -> Image.Image:
 def decode_image(data: bytes) -> Image.Image:
     """Fast path for the loader: one decode (a corrupt or truncated file raises here too), RGB out."""
     img = Image.open(io.BytesIO(data))
+    _check_pixels(img)  # from the header, before any pixel is decoded
     if img.mode == "RGB":
         img.load()
         return img

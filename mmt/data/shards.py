@@ -33,6 +33,7 @@ from mmt.data import storage
 from mmt.data.iostats import COUNTERS
 from mmt.data.schema import INDEX_SUFFIX, split_member
 from mmt.data.tarindex import ShardIndex, scan_file
+from mmt.data.tarsafety import DEFAULT_MAX_MEMBER_BYTES, member_problem
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class StorageSettings:
         0  # 0: unlimited; LRU eviction by readers (the read-ahead planner sets 0: it evicts)
     )
     remote_read: str = "shard"  # shard: whole shards into the node cache; range: one ranged GET per sample
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger member skips its sample unread (tarsafety)
 
 
 class ShardCache:
@@ -182,8 +184,14 @@ class ShardCatalog:
                 log.warning("skipping shard %s: %s", url, error)
                 continue
             for err in index.errors:
-                cat.failures.append((url, "<tail>", err))
-                log.warning("shard %s is damaged, using the samples before the damage: %s", url, err)
+                hostile = (
+                    ": skipped: " in err
+                )  # one sample left out (tarsafety), the rest of the shard is fine
+                cat.failures.append((url, "<sample>" if hostile else "<tail>", err))
+                if hostile:
+                    log.warning("skipping sample: %s", err)
+                else:
+                    log.warning("shard %s is damaged, using the samples before the damage: %s", url, err)
             cat.urls.append(url)
             cat.sizes.append(index.size)
             cat.keys.append([s.key for s in index.samples])
@@ -249,7 +257,7 @@ def _index_one(url: str, size: int | None, settings: StorageSettings) -> tuple[S
             pass
     try:
         local = ShardCache(settings).fetch(url, size)
-        index = scan_file(local, url)
+        index = scan_file(local, url, max_member_bytes=settings.max_member_bytes)
     except (OSError, storage.StorageError) as e:
         return None, f"{type(e).__name__}: {e}"
     if not index.samples and index.errors:
@@ -314,6 +322,11 @@ class SampleReader:
         """``(key, {ext: bytes})``; raises with a message naming the problem when the range is not that sample."""
         key = self.catalog.keys[shard][pos]
         start, end = (int(x) for x in self.catalog.spans[shard][pos])
+        cap = self.settings.max_member_bytes
+        if cap > 0 and end - start > 4 * cap:  # only a sidecar index written with the shard can point here
+            raise ValueError(
+                f"sample span of {end - start:,} bytes, more than 4 x data.max_member_mb; not read"
+            )
         data = self._bytes(shard, start, end)
         if len(data) != end - start:
             raise ValueError(
@@ -323,6 +336,9 @@ class SampleReader:
         # the range is a complete tar stream of this sample's members: the stdlib reader parses its headers
         # (ustar, PAX, GNU long names) and the data is sliced out of the buffer without copying through files
         for info in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
+            problem = member_problem(info, cap)  # the index may be a sidecar the shard's maker wrote
+            if problem is not None:
+                raise ValueError(problem)
             if not info.isreg():
                 continue
             parts = split_member(info.name)

@@ -26,7 +26,8 @@ from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
 from mmt.data.indexed import WorkerSettings, worker_context
 from mmt.data.samples import Collator, SampleDecoder, SampleFailure
-from mmt.data.shards import StorageSettings, iter_tar_samples
+from mmt.data.shards import StorageSettings
+from mmt.data.tarsafety import iter_tar_samples_safe
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "mmt-streaming-loader/2"
@@ -101,7 +102,10 @@ class StreamingDataset(IterableDataset):
             try:
                 stream = storage.open_read(url, s.endpoint_url, s.retries, s.backoff_s)
                 with stream:
-                    for sample in iter_tar_samples(stream, url):
+                    for sample in iter_tar_samples_safe(stream, url, s.max_member_bytes):
+                        if isinstance(sample, SampleFailure):  # a hostile member: skipped, counted
+                            yield sample
+                            continue
                         last = sample["__key__"]
                         yield sample
             except Exception as e:  # an unreadable shard ends that shard only

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from mmt.data.schema import split_member
+from mmt.data.tarsafety import member_key, member_problem
 
 INDEX_FORMAT = "mmt-tar-index/1"
 
@@ -63,7 +64,7 @@ def _padded(n: int) -> int:
     return (n + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
 
 
-def scan_tar(fileobj: IO[bytes], size: int, url: str) -> ShardIndex:
+def scan_tar(fileobj: IO[bytes], size: int, url: str, max_member_bytes: int = 0) -> ShardIndex:
     """Index a seekable tar stream of ``size`` bytes by reading its headers only.
 
     A member whose data runs past the end (a truncated shard) ends the scan; the samples before it are kept and
@@ -74,13 +75,25 @@ def scan_tar(fileobj: IO[bytes], size: int, url: str) -> ShardIndex:
     current: SampleSpan | None = None
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r:")
+        bad_key = None
         for info in tar:
+            problem = member_problem(info, max_member_bytes)
+            if problem is not None:  # a hostile member: its sample stays out of the index, counted as skipped
+                key = member_key(info.name)
+                index.errors.append(f"{url}: sample {key!r}: skipped: {problem}")
+                if current is not None and current.key == key:
+                    index.samples.pop()
+                current, bad_key = None, key
+                tar.members = []
+                continue
             if not info.isreg():
                 continue
             parts = split_member(info.name)
             if parts is None:
                 continue
             key, _ = parts
+            if key == bad_key:
+                continue
             end = info.offset_data + _padded(info.size)
             if info.offset_data + info.size > size:
                 index.errors.append(f"{url}: sample {key!r}: member {info.name!r} is truncated")
@@ -99,8 +112,8 @@ def scan_tar(fileobj: IO[bytes], size: int, url: str) -> ShardIndex:
     return index
 
 
-def scan_file(path: str, url: str | None = None) -> ShardIndex:
+def scan_file(path: str, url: str | None = None, max_member_bytes: int = 0) -> ShardIndex:
     import os
 
     with open(path, "rb") as f:
-        return scan_tar(f, os.path.getsize(path), url or path)
+        return scan_tar(f, os.path.getsize(path), url or path, max_member_bytes)
