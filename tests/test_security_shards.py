@@ -97,3 +97,23 @@ def test_hostile_samples_are_skipped_and_counted(tmp_path, caplog, loader_kind, 
     stats = loader.stats()
     assert stats["samples_failed"] == len(REASONS) and stats.get("shards_failed", 0) == 0, stats
     assert not list(tmp_path.parent.glob("escape01*")) and not (Path("/abs") / "abs01.txt").exists()
+
+
+def test_shard_builder_writes_only_into_its_output_folder(tmp_path):
+    from mmt.data.build.builder import write_samples
+    from mmt.data.build.inputs import InputError
+    from mmt.data.build.process import Processed
+    from mmt.data.synthetic import synthetic_sample
+
+    def samples(keys):
+        for i, key in enumerate(keys):
+            yield Processed(key, str(i), {**synthetic_sample(i), "__key__": key})
+
+    out = tmp_path / "deep" / "out"
+    manifest = write_samples(samples(["ok01", "../../escape01", "/abs01", "a/../../b01"]), str(out))
+    assert manifest["num_samples"] == 1
+    assert sorted(f["key"] for f in manifest["failures"]) == ["../../escape01", "/abs01", "a/../../b01"]
+    assert {p.parent for p in tmp_path.rglob("*") if p.is_file()} == {out}
+    with pytest.raises(InputError, match="a shard name, not a path"):
+        write_samples(samples(["ok02"]), str(out), prefix="../shard")
+    assert not list(tmp_path.glob("deep/shard*"))

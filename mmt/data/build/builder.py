@@ -44,6 +44,12 @@ class BuildOptions:
     process: ProcessOptions = field(default_factory=ProcessOptions)
 
 
+def unsafe_key(key: str) -> bool:
+    """A sample key that names a path outside the shard's own namespace (absolute, or with a '..' part)."""
+    k = key.replace("\\", "/")
+    return k.startswith("/") or ".." in k.split("/")
+
+
 def shard_pattern(out: str, prefix: str, n: int) -> str:
     """The brace pattern naming all ``n`` shards (what ``data.train_urls`` takes)."""
     if n == 1:
@@ -89,6 +95,10 @@ def write_samples(
     failures: list[dict[str, str]] = []
     modalities: Counter = Counter()
     answers: Counter = Counter()
+    if not prefix or "/" in prefix or "\\" in prefix or ".." in prefix:
+        from mmt.data.build.inputs import InputError
+
+        raise InputError(f"--prefix {prefix!r}: a shard name, not a path (shards go only into {out})")
     sink = ShardSink(out, prefix, max_samples_per_shard, max_shard_bytes, endpoint_url)
     bar = tqdm(total=total, desc="building shards", unit="sample", disable=not progress, file=sys.stderr)
     with sink:
@@ -96,6 +106,11 @@ def write_samples(
             bar.update(1)
             if res.sample is None:
                 failures.append({"input": res.source, "key": res.key, "error": res.error or "unknown error"})
+                continue
+            if unsafe_key(res.key):  # would make a member every reader refuses (mmt.data.tarsafety)
+                failures.append(
+                    {"input": res.source, "key": res.key, "error": "key is an absolute or '..' path"}
+                )
                 continue
             sink.write(res.sample)
             modalities.update(res.modalities)
