@@ -16,7 +16,7 @@ from PIL import Image
 from mmt.data.faults import DataError
 from mmt.data.indexed import epoch_order
 from mmt.data.loader import build_eval_loader, build_train_loader
-from mmt.data.samples import soft_scores
+from mmt.data.samples import pack_tensors, soft_scores
 from mmt.data.streaming import split_shards
 from mmt.data.synthetic import COLOURS, write_synthetic_shards
 from tests.fixtures_data import data_config, epoch_keys
@@ -153,6 +153,34 @@ def test_resume_same_world_size_with_workers(tmp_path, shards):
         assert head + [b["keys"] for b in tail] == full[r]
         torch.testing.assert_close(tail[0]["image_features"], tensors[r], rtol=0, atol=0)  # same augmentation
         assert resumed.epoch == 1 and resumed.state_dict()["samples_consumed"] == 0
+    # A worker packs a batch's tensors into one shared buffer (one handover per batch): same batch as in-process.
+    in_process = list(
+        build_train_loader(data_config(tmp_path, train_urls=shards["urls"], num_workers=0), 1, 2, 8)
+    )
+    assert [b["keys"] for b in in_process] == full[1]
+    assert {k for k, v in tail[0].items() if isinstance(v, torch.Tensor)} == {
+        k for k, v in in_process[5].items() if isinstance(v, torch.Tensor)
+    }
+    for k, v in tail[0].items():
+        if isinstance(v, torch.Tensor):
+            assert v.dtype == in_process[5][k].dtype and torch.equal(v, in_process[5][k]), k
+    assert len({v.untyped_storage().data_ptr() for v in tail[0].values() if isinstance(v, torch.Tensor)}) == 1
+
+
+def test_pack_tensors_keeps_values_shapes_and_dtypes_in_one_buffer():
+    batch = {
+        "keys": ["a", "b"],
+        "ids": torch.arange(6).view(2, 3),
+        "mask": torch.tensor([[True, False, True], [False, False, True]]),
+        "x": torch.randn(2, 3, 5).transpose(1, 2),  # not contiguous
+        "empty": torch.zeros(2, 0),
+    }
+    packed = pack_tensors(batch)
+    assert packed["keys"] == ["a", "b"] and packed.keys() == batch.keys()
+    for k in ("ids", "mask", "x", "empty"):
+        assert packed[k].dtype == batch[k].dtype and torch.equal(packed[k], batch[k]), k
+    storages = {packed[k].untyped_storage().data_ptr() for k in ("ids", "mask", "x")}
+    assert len(storages) == 1 and packed["ids"].is_shared()
 
 
 @pytest.mark.parametrize("partitions", [0, 6])

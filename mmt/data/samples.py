@@ -204,4 +204,27 @@ class Collator:
             for i, r in enumerate(rows):
                 targets[i] = r["answer_targets"]
             batch["answer_targets"] = targets
+        if torch.utils.data.get_worker_info() is not None:
+            batch = pack_tensors(batch)
         return batch, failures
+
+
+def pack_tensors(batch: dict[str, Any], align: int = 64) -> dict[str, Any]:
+    """The batch with every tensor moved into one shared-memory buffer (views of it, same shapes and dtypes).
+
+    Why: a loader worker hands each tensor storage to the main process through its own file-descriptor handshake
+    (~1 ms each on CPU); with one storage per batch it is one handshake instead of one per tensor (measured: 4 vs
+    7-9 ms per batch of 32 with one worker).
+    """
+    tensors = [(k, v) for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    offsets, total = [], 0
+    for _, v in tensors:
+        offsets.append(total)
+        total += -(-v.numel() * v.element_size() // align) * align
+    buf = torch.empty(max(total, 1), dtype=torch.uint8).share_memory_()
+    out = dict(batch)
+    for (k, v), start in zip(tensors, offsets):
+        view = buf[start : start + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+        view.copy_(v)
+        out[k] = view
+    return out
