@@ -151,11 +151,9 @@ def _zero_shot(engine: Any, task: Task, rows: list[dict[str, Any]], device: torc
         tok.encode(fill(tp, c, i), m_cfg.text.max_len) for i, c in enumerate(classes) for tp in templates
     ]
     ids = torch.full((len(prompts), max(map(len, prompts))), tok.pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        mask[i, : len(p)] = True
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), True
     emb = engine(text_inputs=ids.to(device), text_attention_mask=mask.to(device)).embeddings["text"]
     emb = torch.nn.functional.normalize(emb.float().cpu().view(len(classes), len(templates), -1), dim=-1)
     classifier = torch.nn.functional.normalize(emb.mean(1), dim=-1).T
