@@ -1,6 +1,7 @@
 """Peak memory and wall time of `mmt ckpt convert` against DeepSpeed's `zero_to_fp32`, on one ZeRO-3 checkpoint.
 
     .venv/bin/python benchmarks/bench_ckpt.py [--model configs/model/base_tri.yaml] [--nproc 2] [--workdir DIR]
+    .venv/bin/python benchmarks/bench_ckpt.py --synthetic-gb 0.5 2   # peak RSS as the model grows
 
 Makes a real ZeRO-3 checkpoint of the model (``torchrun -m mmt.ckpt.harness``, one training step, fp32), then
 runs each converter in its own fresh process and reads that process's peak RSS from
@@ -79,6 +80,75 @@ def make_checkpoint(model: str, nproc: int, run_dir: Path) -> None:
         raise SystemExit(f"making the checkpoint failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
+def make_synthetic_checkpoint(save_dir: Path, gb: float, world: int = 2) -> None:
+    """A ZeRO-3 checkpoint of ``gb`` GB of fp32 weights in DeepSpeed's own file layout (what its ``save_checkpoint``
+    writes for the model and optimizer states, minus the Adam moments), made without training anything: how both
+    converters' memory grows with the model, beyond the sizes this machine can train."""
+    from collections import OrderedDict
+
+    import torch
+
+    side = 2048  # 16 MiB fp32 layers, divisible by the world size: no ZeRO-3 padding
+    layers = max(1, int(gb * 1e9 / (side * side * 4)))
+    shapes = OrderedDict((f"layers.{i}.weight", torch.Size([side, side])) for i in range(layers))
+    tag = save_dir / "global_step1"
+    tag.mkdir(parents=True, exist_ok=True)
+    ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    for r in range(world):
+        model_states = {
+            "module": OrderedDict(),
+            "buffer_names": [],
+            "param_shapes": [shapes],
+            "frozen_param_shapes": OrderedDict(),
+            "shared_params": {},
+            "frozen_param_fragments": OrderedDict(),
+            "global_steps": 1,
+            "dp_world_size": world,
+            "mp_world_size": 1,
+            "ds_config": ds_config,
+            "ds_version": "0.19.8",
+        }
+        torch.save(model_states, tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        g = torch.Generator().manual_seed(r)
+        flat = torch.randn(layers * side * side // world, generator=g)
+        optim = {
+            "optimizer_state_dict": {
+                "zero_stage": 3,
+                "partition_count": world,
+                "fp32_flat_groups": [flat],
+                "optimizer_state_dict": {"state": {}, "param_groups": []},
+            },
+            "ds_config": ds_config,
+            "ds_version": "0.19.8",
+        }
+        torch.save(optim, tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        del flat, optim
+    (save_dir / "latest").write_text("global_step1")
+
+
+def synthetic_curve(sizes: list[float], work: Path, max_shard_size: str) -> None:
+    """Peak RSS of both converters on synthetic checkpoints of growing size, side by side per size."""
+    base = measure("baseline")
+    print(
+        f"{'fp32 weights':>14}{'zero_to_fp32 s':>16}{'mmt s':>8}{'zero_to_fp32 RSS+ MiB':>24}{'mmt RSS+ MiB':>14}"
+    )
+    for gb in sizes:
+        save = work / f"synthetic_{gb}"
+        shutil.rmtree(save, ignore_errors=True)
+        make_synthetic_checkpoint(save, gb)
+        for d in ("out_mmt", "out_ds"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        ds = measure("deepspeed", str(save), str(work / "out_ds"), "global_step1", max_shard_size)
+        ours = measure("mmt", str(save), str(work / "out_mmt"), "--max-shard-size", max_shard_size)
+        compare(work / "out_mmt", work / "out_ds")
+        weights_gb = sum(f.stat().st_size for f in (work / "out_mmt").glob("*.safetensors")) / 1e9
+        above = lambda r: r["peak_rss_mb"] - base["peak_rss_mb"]  # noqa: E731
+        print(
+            f"{weights_gb:>11.2f} GB{ds['wall_s']:>16.1f}{ours['wall_s']:>8.1f}{above(ds):>24.0f}{above(ours):>14.0f}"
+        )
+        shutil.rmtree(save, ignore_errors=True)
+
+
 def compare(ours: Path, theirs: Path) -> int:
     """Tensor-by-tensor equality of our safetensors output and DeepSpeed's pickled one; returns the count."""
     import torch
@@ -107,8 +177,22 @@ def main() -> int:
     p.add_argument(
         "--workdir", default=None, help="keep the checkpoint and outputs here (default: a temp dir)"
     )
+    p.add_argument(
+        "--synthetic-gb",
+        type=float,
+        nargs="+",
+        default=None,
+        help="instead: synthetic ZeRO-3 checkpoints of these sizes (GB of fp32 weights), peak RSS per size",
+    )
     args = p.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
+    if args.synthetic_gb:
+        try:
+            synthetic_curve(args.synthetic_gb, work, args.max_shard_size)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
+        return 0
     run_dir = work / "run"
     try:
         t = time.perf_counter()
