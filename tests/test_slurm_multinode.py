@@ -195,7 +195,7 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
     the last complete checkpoint on 2 ranks (converted to a universal checkpoint); node3 comes back, the job's
     time-limit signal preempts it (all ranks on all nodes save), and the requeued job resumes on 3 ranks."""
     cluster = request.getfixturevalue("multinode_cluster")
-    name, steps = "lost", 36
+    name, steps = "lost", 18
     train = {"global_batch": 6, "max_steps": steps, "checkpoint_interval": 3, "keep_last": 0,
              "checkpoint_at_end": True, "dist_timeout_s": 60}  # fmt: skip
     _start_reference(store, "ref6", **train)
