@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -441,3 +443,28 @@ def test_activation_checkpointing_recomputes_blocks_with_identical_gradients():
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)
+
+
+PORT_RACE = """
+import os, socket
+import torch.distributed as dist
+import mmt.training.distributed as D
+
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+taken, picks, real = held.getsockname()[1], [], D.free_port
+D.free_port = lambda: picks.append(1) or (taken if len(picks) == 1 else real())
+D.setup_distributed()
+assert int(os.environ["MASTER_PORT"]) != taken and dist.get_world_size() == 1, os.environ["MASTER_PORT"]
+dist.destroy_process_group()
+print("picks", len(picks))
+"""
+
+
+def test_single_process_retries_when_its_port_is_taken_before_the_store_binds_it():
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    r = subprocess.run(
+        [sys.executable, "-c", PORT_RACE], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert r.returncode == 0 and "picks 2" in r.stdout, r.stdout + r.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -26,6 +26,9 @@ class DistEnv:
     launcher: str  # single | torchrun | deepspeed | slurm | env
     master_addr: str
     master_port: int
+
+
+PORT_ATTEMPTS = 5  # a single process retries its own port this often when another program took it first
 
 
 def free_port() -> int:
@@ -106,17 +109,9 @@ def setup_distributed(
     Returns (env, device, created): ``created`` is False when the group already existed (then it is left alone
     at teardown).
     """
+    own_port = _launcher() == "single" and "MASTER_PORT" not in os.environ
     env = detect_env()
-    os.environ.update(
-        {
-            "RANK": str(env.rank),
-            "WORLD_SIZE": str(env.world_size),
-            "LOCAL_RANK": str(env.local_rank),
-            "LOCAL_WORLD_SIZE": str(env.local_world_size),
-            "MASTER_ADDR": env.master_addr,
-            "MASTER_PORT": str(env.master_port),
-        }
-    )
+    _export(env)
     device = select_device(device_kind, env.local_rank)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -127,17 +122,40 @@ def setup_distributed(
     import deepspeed
 
     if created:
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            timeout=timedelta(seconds=timeout_s),
-            auto_mpi_discovery=False,
-            verbose=False,
-        )
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                deepspeed.init_distributed(
+                    dist_backend=backend,
+                    timeout=timedelta(seconds=timeout_s),
+                    auto_mpi_discovery=False,
+                    verbose=False,
+                )
+                break
+            except dist.DistNetworkError as e:
+                # A single process picks its own free port; another program may bind it before the store does.
+                if not own_port or "EADDRINUSE" not in str(e) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                env = replace(env, master_port=free_port())
+                _export(env)
     else:
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, verbose=False, dist_init_required=False
         )
     return env, device, created
+
+
+def _export(env: DistEnv) -> None:
+    """The rank variables every library reads (torch's env:// rendezvous, DeepSpeed, loaders)."""
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
 
 
 def _default_extensions_dir() -> None:
