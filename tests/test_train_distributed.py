@@ -94,9 +94,11 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, world_size)
     (one line says so), then the same global sample sequence, losses and final weights as the 2-rank run."""
     tmp = runs["tmp"]
     ref_dir, run_dir = tmp / f"zero{stage}", tmp / f"zero{stage}_ws{world_size}"
-    lines = [x for x in (tmp / f"ws{world_size}/output.txt").read_text().splitlines() if str(run_dir) in x]
-    converted = [x for x in lines if "converted from" in x]
-    assert len(converted) == 1 and f"saved on 2 ranks (ZeRO-{stage}), loading on {world_size}" in converted[0]
+    saved = ref_dir / f"checkpoints/step_{ZERO_SAVE:08d}"
+    lines = (tmp / f"ws{world_size}/output.txt").read_text().splitlines()
+    converted = [x for x in lines if "universal checkpoint rank 0 converted" in x and f"resume {saved} " in x]
+    assert len(converted) == 1, converted
+    assert f"saved on 2 ranks (ZeRO-{stage}), loading on {world_size} rank" in converted[0]
     assert not (run_dir / ".resume-universal").exists()  # the universal copy is gone once loaded
     steps = list(range(ZERO_SAVE + 1, ZERO_STEPS + 1))
     assert [r["step"] for r in all_train_rows(run_dir)] == steps

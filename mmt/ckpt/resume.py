@@ -51,14 +51,20 @@ class ResumePlan:
             if self.load_universal
             else "DeepSpeed's files as saved"
         )
+        where = self.load_dir / self.tag
         if self.converted_from is not None:
+            where = self.converted_from
             how = (
-                f"a universal checkpoint converted from {self.converted_from} in {self.convert_seconds:.1f} s "
-                "(re-partitioned on load)"
+                f"a universal checkpoint rank 0 converted it to in {self.convert_seconds:.1f} s "
+                "(re-partitioned on load, then deleted)"
             )
+
+        def ranks(n: int) -> str:
+            return f"{n} rank{'' if n == 1 else 's'}"
+
         return (
-            f"resume {self.load_dir / self.tag} at step {self.step}: saved on {self.saved_world_size} ranks "
-            f"(ZeRO-{self.saved_zero_stage}), loading on {self.world_size} ranks (ZeRO-{self.zero_stage}) "
+            f"resume {where} at step {self.step}: saved on {ranks(self.saved_world_size)} "
+            f"(ZeRO-{self.saved_zero_stage}), loading on {ranks(self.world_size)} (ZeRO-{self.zero_stage}) "
             f"from {how}"
         )
 
