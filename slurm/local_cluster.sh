@@ -377,8 +377,9 @@ stop() {
     # A multi-node cluster's namespaces and links, found by name (also those a crashed start left). Whatever still
     # runs inside a node (a step stuck in a rendezvous outlives `scontrol shutdown`) is killed first: a namespace
     # with a live process keeps its veth.
+    # The sweep is by name and runs whatever this state folder recorded: a cluster started with another
+    # MMT_SLURM_DIR (or a crashed test's) is still removed.
     local ns link
-    [ "$nodes" -gt 1 ] || { stop_munge; log "cluster stopped"; return 0; }
     for ns in $(as_root ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^mmt-node[0-9]+$' || true); do
         kill_namespace "$ns"
         as_root ip netns del "$ns" 2>/dev/null || true

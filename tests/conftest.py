@@ -7,6 +7,25 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+# What `setup_distributed` exports for the libraries it calls. A command run in-process (`mmt eval` in a CLI test)
+# leaves them in this process; a later `mmt train` subprocess would inherit MASTER_PORT and bind a port that the
+# earlier store may still hold. Every test starts from the environment it would have on its own.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_rank_variables():
+    before = {k: os.environ.get(k) for k in RANK_VARIABLES}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
