@@ -162,15 +162,19 @@ def test_interrupted_convert_leaves_no_output(zero_run, tmp_path, monkeypatch):
     from mmt.ckpt import safetensors_stream
 
     calls = {"n": 0}
-    original = safetensors_stream.SafetensorsStreamWriter.write
 
-    def failing_write(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise KeyboardInterrupt
-        return original(self, name, tensor)
+    def interrupting(original):  # the 20th tensor written, whole or from its rank pieces, is interrupted
+        def write(self, name, data):
+            calls["n"] += 1
+            if calls["n"] == 20:
+                raise KeyboardInterrupt
+            return original(self, name, data)
 
-    monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, "write", failing_write)
+        return write
+
+    for method in ("write", "write_pieces"):
+        original = getattr(safetensors_stream.SafetensorsStreamWriter, method)
+        monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, method, interrupting(original))
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(zero_run(2), tmp_path / "out", max_shard_size="100KB", progress=False)
     assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder, no partial shard
