@@ -230,9 +230,25 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
     assert "restart 1 on 2 node(s) node[1-2]" in log and "restart 2 on 3 node(s) node[1-3]" in log, log
     # The lost attempt resumed from its last complete checkpoint (step 3), converted for the new world size.
     assert f"resumed from {run_dir}/checkpoints/step_00000003 at step 3" in log, log
-    assert len(re.findall(r"saved on 3 ranks \(ZeRO-2\), loading on 2 ranks .*converted from", log)) == 1, log
+    assert (
+        len(
+            re.findall(
+                r"saved on 3 ranks \(ZeRO-2\), loading on 2 ranks .*universal checkpoint rank 0 converted",
+                log,
+            )
+        )
+        == 1
+    ), log
     preempted_at = int(re.search(r"mmt: preempted \(SIGUSR1\) at step (\d+)", log).group(1))
-    assert len(re.findall(r"saved on 2 ranks \(ZeRO-2\), loading on 3 ranks .*converted from", log)) == 1, log
+    assert (
+        len(
+            re.findall(
+                r"saved on 2 ranks \(ZeRO-2\), loading on 3 ranks .*universal checkpoint rank 0 converted",
+                log,
+            )
+        )
+        == 1
+    ), log
     assert f"world size changed from 2 to 3 ranks at step {preempted_at}" in log
     # Both ranks of the 2-node attempt saved the preemption checkpoint (one optimizer shard each).
     saved = run_dir / "checkpoints" / f"step_{preempted_at:08d}"
