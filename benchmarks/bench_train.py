@@ -126,15 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     sys.path.insert(0, str(ROOT))
-    import deepspeed
     import torch
 
     import mmt
     from mmt.training.batching import resolve_batch
     from mmt.training.distributed import setup_distributed
-    from mmt.training.ds_compat import patch_deepspeed
-    from mmt.training.ds_config import build_ds_config
-    from mmt.training.optim import param_groups
+    from mmt.training.engine import build_ds_config, initialize_for_training
     from mmt.training.tasks import build_task
 
     if args.threads:
@@ -142,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         batch, cfg = _batch(Path(tmp), args.model, args.batch)
     setup_distributed("cpu", "gloo", 600)
-    patch_deepspeed()
     cfg.train.global_batch, cfg.train.micro_batch, cfg.train.grad_accum = args.batch, 0, 0
     task = build_task(cfg.model, cfg.train)
     dev, f32 = torch.device("cpu"), torch.float32
-    opt = cfg.train.optimizer
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -157,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.zero_stage = stage
         ds = build_ds_config(cfg.train, resolve_batch(cfg.train, 1), dev)
         model = fresh_model()
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, opt.weight_decay), config=ds
-        )
+        engine = initialize_for_training(model, cfg.train, ds)
 
         def ds_step(engine=engine) -> None:
             res = task.step(engine, batch, dev, f32)
@@ -219,7 +212,6 @@ def _rank_main(rank: int, args: argparse.Namespace, batch: dict, cfg, port: int)
             "MASTER_PORT": str(port),
         }
     )
-    import deepspeed
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -229,14 +221,11 @@ def _rank_main(rank: int, args: argparse.Namespace, batch: dict, cfg, port: int)
     from mmt.model.block import TransformerBlock
     from mmt.training.batching import resolve_batch
     from mmt.training.distributed import setup_distributed, teardown_distributed
-    from mmt.training.ds_compat import patch_deepspeed
-    from mmt.training.ds_config import build_ds_config
-    from mmt.training.optim import param_groups
+    from mmt.training.engine import build_ds_config, initialize_for_training
     from mmt.training.tasks import build_task
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.ranks))
     _, _, created = setup_distributed("cpu", "gloo", 600)
-    patch_deepspeed()
     n = args.batch // args.ranks
     local = {
         k: (v[rank * n : (rank + 1) * n] if isinstance(v, (torch.Tensor, list)) else v)
@@ -245,7 +234,6 @@ def _rank_main(rank: int, args: argparse.Namespace, batch: dict, cfg, port: int)
     cfg.train.global_batch, cfg.train.micro_batch, cfg.train.grad_accum = args.batch, 0, 0
     task = build_task(cfg.model, cfg.train)
     dev, f32 = torch.device("cpu"), torch.float32
-    opt = cfg.train.optimizer
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -256,9 +244,7 @@ def _rank_main(rank: int, args: argparse.Namespace, batch: dict, cfg, port: int)
         cfg.train.zero_stage = stage
         ds = build_ds_config(cfg.train, resolve_batch(cfg.train, args.ranks), dev)
         model = fresh_model()
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, opt.weight_decay), config=ds
-        )
+        engine = initialize_for_training(model, cfg.train, ds)
 
         def ds_step(engine=engine) -> None:
             res = task.step(engine, local, dev, f32)

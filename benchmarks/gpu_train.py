@@ -60,24 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    import deepspeed
     import torch
 
     import mmt
     from mmt.config import TrainConfig
     from mmt.config.loader import load_config
     from mmt.config.model import MultiModalConfig
+    from mmt.precision import torch_dtype
     from mmt.training.activation_checkpointing import apply_activation_checkpointing
     from mmt.training.batching import resolve_batch
     from mmt.training.distributed import setup_distributed
-    from mmt.training.ds_compat import patch_deepspeed
-    from mmt.training.ds_config import build_ds_config
+    from mmt.training.engine import build_ds_config, initialize_for_training
     from mmt.training.flops import peak_flops_per_device
-    from mmt.training.optim import make_scheduler_factory, param_groups
     from mmt.training.tasks import build_task
 
     env, device, _ = setup_distributed(args.device, "auto", 1800)
-    patch_deepspeed()
     mcfg = load_config(args.model, schema=MultiModalConfig)
     train = TrainConfig(
         global_batch=0,
@@ -97,13 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = model.num_parameters()
     plan = resolve_batch(train, env.world_size)
     ds = build_ds_config(train, plan, device)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, 0.05),
-        config=ds,
-        lr_scheduler=make_scheduler_factory(train.schedule, train.max_steps),
-    )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    engine = initialize_for_training(model, train, ds, train.max_steps)
+    dtype = torch_dtype(args.precision)
     batch = synthetic_batch(mcfg, args.batch, device)
 
     def step() -> float:

@@ -20,7 +20,7 @@ from mmt.config import ConfigError, load_config
 from mmt.config.train import ScheduleConfig, TrainConfig
 from mmt.training.batching import resolve_batch
 from mmt.training.checkpoint import META_FILE, complete_tags, find_checkpoint
-from mmt.training.ds_config import build_ds_config, merge_ds_config
+from mmt.training.engine import build_ds_config, merge_ds_config
 from mmt.training.losses import caption_loss, clip_pair_loss, vqa_loss
 from mmt.training.metrics import (
     corpus_bleu,

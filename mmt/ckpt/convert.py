@@ -25,12 +25,13 @@ from mmt.ckpt.modelcheck import check_config_matches, check_shapes_against_confi
 from mmt.ckpt.reader import ZeroCheckpoint
 from mmt.ckpt.safetensors_stream import SafetensorsStreamWriter, nbytes
 from mmt.ckpt.select import select_names
+from mmt.precision import DTYPES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_META_FILE = "mmt_export.json"
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUT_DTYPES = DTYPES
 _UNITS = {
     "": 1,
     "B": 1,

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mmt.ckpt.layout import CHECKPOINTS_DIR, tag_for_step, write_latest, write_meta
+from mmt.precision import torch_dtype
+from mmt.training.engine import initialize
 
 
 class ToyModel(nn.Module):
@@ -262,14 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if (
-        args.model != "toy"
-    ):  # scalar parameters (the CLIP temperature) need the trainer's DeepSpeed work-arounds
-        from mmt.training.ds_compat import patch_deepspeed
-
-        patch_deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    engine = initialize(model, conf, model_parameters=groups)
+    dtype = torch_dtype(args.dtype)
 
     step = 0
     if plan is not None:

@@ -2,7 +2,7 @@
 
 Everything a run needs besides the model, the data and the tracker: task, batch arithmetic, optimiser and
 schedule, precision, ZeRO settings, intervals, resume and preemption. The DeepSpeed JSON is generated from it
-(`mmt.training.ds_config`), so this section stays the single source of truth; a user's own ds_config JSON may
+(`mmt.training.engine`), so this section stays the single source of truth; a user's own ds_config JSON may
 still be merged on top, with conflicts reported.
 """
 

@@ -16,8 +16,10 @@ import torch
 from mmt.atomic import atomic_write_text
 from mmt.ckpt.torchio import check_files, checkpoint_loading, load_pt
 from mmt.config import Config
+from mmt.precision import torch_dtype
 from mmt.training import distributed as D
 from mmt.training.checkpoint import CheckpointError, find_checkpoint, read_meta
+from mmt.training.engine import eval_ds_config, initialize
 from mmt.training.evaluate import evaluate
 from mmt.training.tasks import build_task
 
@@ -54,8 +56,6 @@ def evaluate_checkpoint(
 
     ``trust_checkpoint`` (or ``train.trust_checkpoint``) unpickles the files fully; otherwise a file naming a
     class outside `mmt.ckpt.torchio`'s allow-list is refused before anything in it runs."""
-    import deepspeed
-
     import mmt
 
     t = cfg.train
@@ -75,21 +75,9 @@ def evaluate_checkpoint(
                 f"unexpected {unexpected[:5]})"
             )
         precision = t.precision if device.type == "cuda" or t.precision != "fp16" else "fp32"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        dtype = torch_dtype(precision)
         batch = t.eval_batch or max(1, t.micro_batch or t.global_batch // env.world_size)
-        ds = {
-            "train_micro_batch_size_per_gpu": batch,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": batch * env.world_size,
-            "zero_optimization": {"stage": 0},
-            "bf16": {"enabled": precision == "bf16"},
-            "fp16": {"enabled": precision == "fp16"},
-            "steps_per_print": 10**9,
-        }
-        from mmt.training.ds_compat import patch_deepspeed
-
-        patch_deepspeed()
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        engine = initialize(model, eval_ds_config(precision, batch, env.world_size))
         from mmt.training.trainer import default_eval_loader
 
         loader = default_eval_loader(cfg, env.rank, env.world_size, batch)

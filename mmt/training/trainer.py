@@ -26,15 +26,15 @@ from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
 from mmt.config.secrets import redact, redacted_config, secret_patterns
+from mmt.precision import torch_dtype
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
 from mmt.training import distributed as D
 from mmt.training.batching import BatchPlan, resolve_batch
 from mmt.training.checkpoint import CheckpointManager, find_checkpoint, read_meta
-from mmt.training.ds_config import batch_plan_from_ds, build_ds_config, load_user_ds_config, merge_ds_config
+from mmt.training.engine import initialize_for_training, resolve_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
 from mmt.training.inputs import batch_size, count_tokens
-from mmt.training.optim import make_scheduler_factory, param_groups
 from mmt.training.preemption import (
     PREEMPTED_EXIT_CODE,
     PreemptionFlag,
@@ -68,10 +68,6 @@ class TrainResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     preempted: bool = False
-
-
-def _dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -139,34 +135,20 @@ class Trainer:
 
         self._hostnames = D.gather_objects(socket.gethostname())
         self.plan = resolve_batch(t, self.world, self.source)
-        self.dtype = _dtype(t.precision)
+        self.dtype = torch_dtype(t.precision)
         self.run_dir = Path(t.run_dir).resolve()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier()
 
         # DeepSpeed config: generated, then the user's JSON merged over it.
-        ds = build_ds_config(t, self.plan, self.device)
-        self.ds_conflicts: list[str] = []
-        if t.ds_config:
-            ds, self.ds_conflicts = merge_ds_config(
-                ds, load_user_ds_config(t.ds_config), user_wins=t.ds_config_override
-            )
-            self.plan = batch_plan_from_ds(ds, self.plan)
-            if self.ds_conflicts and self.rank == 0:
-                print(
-                    "mmt: train.ds_config overrides the generated DeepSpeed config:\n  "
-                    + "\n  ".join(self.ds_conflicts),
-                    file=sys.stderr,
-                )
-        if t.precision == "fp16" and self.device.type == "cpu":
-            from mmt.config import ConfigError
-
-            raise ConfigError(
-                self.source,
-                "train.precision",
-                "fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
-                "fp16 training); use bf16 or fp32 on CPU",
+        resolved = resolve_ds_config(t, self.plan, self.device, self.source)
+        ds, self.plan, self.ds_conflicts = resolved.config, resolved.plan, resolved.conflicts
+        if self.ds_conflicts and self.rank == 0:
+            print(
+                "mmt: train.ds_config overrides the generated DeepSpeed config:\n  "
+                + "\n  ".join(self.ds_conflicts),
+                file=sys.stderr,
             )
         self.ds_config = ds
 
@@ -224,18 +206,7 @@ class Trainer:
         self.logger = build_logger(cfg, self.rank, run_id, self.total_steps, self.run_dir)
         self.run_id = D.broadcast_object(self.logger.run_id)
 
-        import deepspeed
-
-        from mmt.training.ds_compat import patch_deepspeed
-
-        patch_deepspeed()
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, t.optimizer.weight_decay),
-            config=ds,
-            lr_scheduler=make_scheduler_factory(t.schedule, self.total_steps),
-        )
-        self.engine = engine
+        self.engine = initialize_for_training(model, t, ds, self.total_steps)
         # ZeRO-0 fp32 does not keep the norm it clips with; measure it (grads are all-reduced by then).
         self._own_grad_norm = t.zero_stage == 0 and t.precision == "fp32"
         self._grad_norm: float | None = None

@@ -1,22 +1,112 @@
-"""The DeepSpeed JSON, generated from the typed `train.*` config; a user's own JSON is merged on top.
+"""The one boundary between mmt and DeepSpeed's engine: its JSON config and ``deepspeed.initialize``.
 
-The generated dict is the single source of truth for batch sizes, precision, ZeRO and the optimiser. A user file
-(``train.ds_config``) may add settings mmt does not model (communication tuning, aio, ...). A key set in both to
-different values is a conflict: the run stops with a `ConfigError` listing every conflict, unless
-``train.ds_config_override=true`` (then the user's value wins and the conflicts are printed and logged).
+Every engine in mmt (training, `mmt eval`, the checkpoint test harness, the benchmarks) is made by `initialize`
+here, which applies `mmt.ds_compat`'s work-arounds first, so no caller has to remember them.
+
+The DeepSpeed JSON is generated from the typed `train.*` config (`build_ds_config`); it is the single source of
+truth for batch sizes, precision, ZeRO and the optimiser. A user file (``train.ds_config``) may add settings mmt
+does not model (communication tuning, aio, ...). A key set in both to different values is a conflict: the run stops
+with a `ConfigError` listing every conflict, unless ``train.ds_config_override=true`` (then the user's value wins
+and the conflicts are printed and logged). `resolve_ds_config` does all of that for a training run.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmt.config import ConfigError
 from mmt.config.train import TrainConfig
 from mmt.training.batching import BatchPlan
+from mmt.training.optim import make_scheduler_factory, param_groups
+
+
+@dataclass(frozen=True)
+class ResolvedDsConfig:
+    """A training run's DeepSpeed config, the batch plan it implies, and the user-file conflicts it overrode."""
+
+    config: dict[str, Any]
+    plan: BatchPlan
+    conflicts: list[str]
+
+
+def resolve_ds_config(
+    train: TrainConfig, plan: BatchPlan, device: torch.device, source: str = "config"
+) -> ResolvedDsConfig:
+    """The generated config for ``train``, the user's ``train.ds_config`` merged over it, checked for ``device``.
+
+    Raises `ConfigError` for conflicts (unless ``train.ds_config_override``), an inconsistent batch override, or
+    fp16 on CPU (DeepSpeed's CPU accelerator has no fp16 training)."""
+    ds = build_ds_config(train, plan, device)
+    conflicts: list[str] = []
+    if train.ds_config:
+        ds, conflicts = merge_ds_config(
+            ds, load_user_ds_config(train.ds_config), user_wins=train.ds_config_override
+        )
+        plan = batch_plan_from_ds(ds, plan)
+    if train.precision == "fp16" and device.type == "cpu":
+        raise ConfigError(
+            source,
+            "train.precision",
+            "fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 training); use bf16 or fp32 on CPU",
+        )
+    return ResolvedDsConfig(ds, plan, conflicts)
+
+
+def eval_ds_config(precision: str, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """A plain (ZeRO-0, no optimiser) engine for evaluation: any checkpoint's full weights fit it on any world
+    size."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def initialize(
+    model: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    model_parameters: Iterable[Any] | None = None,
+    lr_scheduler: Callable[[Any], Any] | None = None,
+) -> Any:
+    """``deepspeed.initialize`` with mmt's DeepSpeed work-arounds applied first; returns the engine only.
+
+    The one call of ``deepspeed.initialize`` in mmt: an upgrade of DeepSpeed is checked here and in
+    `mmt.ds_compat`."""
+    import deepspeed
+
+    from mmt.ds_compat import patch_deepspeed
+
+    patch_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model_parameters, config=ds_config, lr_scheduler=lr_scheduler
+    )
+    return engine
+
+
+def initialize_for_training(
+    model: nn.Module, train: TrainConfig, ds_config: dict[str, Any], total_steps: int | None = None
+) -> Any:
+    """The engine of a training run: AdamW's two parameter groups (no decay on norms, biases, embeddings) and,
+    with ``total_steps``, mmt's warmup + cosine schedule (None: DeepSpeed keeps the lr constant)."""
+    scheduler = make_scheduler_factory(train.schedule, total_steps) if total_steps is not None else None
+    return initialize(
+        model,
+        ds_config,
+        model_parameters=param_groups(model, train.optimizer.weight_decay),
+        lr_scheduler=scheduler,
+    )
 
 
 def build_ds_config(train: TrainConfig, plan: BatchPlan, device: torch.device) -> dict[str, Any]:
