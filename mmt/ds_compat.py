@@ -1,33 +1,138 @@
-"""Work-arounds for DeepSpeed behaviour that breaks on valid models, applied once, narrowly.
+"""Every work-around mmt applies to DeepSpeed, in one place, each tied to the DeepSpeed versions it was made for.
 
-0-dim parameters: the engine syncs initial weights with ``dist.broadcast(p.data.view(torch.uint8))``, which
-raises "self.dim() cannot be 0 to view Float as Byte" for a scalar parameter such as the CLIP temperature
-(``logit_scale``). The wrapper below gives scalars a 1-element shape (a view of the same storage) for the
-duration of that broadcast only, then restores it; nothing else in the engine sees the change.
+DeepSpeed 0.19 breaks on valid mmt models and checkpoints in a few narrow ways (listed in `WORKAROUNDS`, each
+with the upstream behaviour it works around). The fixes patch private DeepSpeed symbols, so they are only trusted
+on the DeepSpeed series they were tested with (`TESTED_SERIES`): on another version `check_version` refuses in one
+line, unless ``MMT_ALLOW_UNTESTED_DEEPSPEED=1`` is set. ``tests/test_ds_compat.py`` runs one canary per
+work-around against the installed DeepSpeed, calling the upstream function directly on tiny inputs: a canary that
+fails says DeepSpeed fixed that bug, and which work-around to drop on an upgrade.
 
-The same scalar breaks ZeRO-0 fp32 gradient clipping (``p.grad.data.mul_(clip_coef)`` with a ``[1]``-shaped
-coefficient on a ``[]``-shaped gradient). The clip function the engine calls is wrapped to hand such gradients
-over as 1-element views of the same storage, so clipping scales them in place like every other gradient.
-ZeRO-3 partitions each parameter after the same kind of uint8 broadcast; scalars take the 1-element view there
-too.
+Callers never apply these by hand: `mmt.training.engine.initialize` calls `patch_deepspeed`, the universal
+conversion calls `patch_ds_to_universal`, resume calls `fix_zero3_universal_load`, teardown calls
+`reset_comm_backend`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from mmt.ckpt.layout import CheckpointError
+from mmt.config.errors import ConfigError
+
+TESTED_SERIES = (
+    0,
+    19,
+)  # major, minor of the DeepSpeed releases these work-arounds were written and tested on
+ALLOW_UNTESTED_ENV = "MMT_ALLOW_UNTESTED_DEEPSPEED"
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One patch: the DeepSpeed symbol it touches and the upstream behaviour that makes it necessary."""
+
+    name: str
+    patches: str
+    upstream: str
+    versions: str = "0.19.x (seen on 0.19.8)"
+
+
+WORKAROUNDS: dict[str, Workaround] = {
+    w.name: w
+    for w in (
+        Workaround(
+            "scalar_broadcast",
+            "deepspeed.runtime.engine.DeepSpeedEngine._broadcast_model",
+            "syncs initial weights with dist.broadcast(p.data.view(torch.uint8)), which raises 'self.dim() "
+            "cannot be 0 to view Float as Byte' for a 0-dim parameter (the CLIP temperature logit_scale)",
+        ),
+        Workaround(
+            "scalar_grad_clip",
+            "deepspeed.runtime.engine.clip_grad_norm_",
+            "ZeRO-0 clipping multiplies every gradient in place by a [1]-shaped coefficient, which fails on a "
+            "[]-shaped gradient",
+        ),
+        Workaround(
+            "scalar_zero3_init",
+            "deepspeed.runtime.zero.partition_parameters.Init._zero_init_param",
+            "ZeRO-3 partitions each parameter after the same uint8-view broadcast, which raises for a 0-dim one",
+        ),
+        Workaround(
+            "scalar_universal_merge",
+            "deepspeed.checkpoint.ds_to_universal._merge_zero_shards",
+            "ds_to_universal reshapes a ZeRO-1/2 parameter's merged fragments to its shape, then concatenates "
+            "them along dim 0: 'zero-dimensional tensor cannot be concatenated' for a 0-dim parameter",
+        ),
+        Workaround(
+            "zero3_universal_param_groups",
+            "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 (after it)",
+            "the ZeRO-3 universal load copies param group 0's hyper-parameters into every group (the no-decay "
+            "group would decay) and gives every sub-group's Adam state the same 'step' tensor (torch's Adam then "
+            "counts k steps per step with k sub-groups)",
+        ),
+        Workaround(
+            "comm_backend_reset",
+            "deepspeed.comm.comm.cdb",
+            "torch.distributed.destroy_process_group() leaves DeepSpeed's cached comm backend in place, so a later "
+            "run in the same process would start from the destroyed group's backend",
+        ),
+    )
+}
+
+
+def _series(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ConfigError(f"deepspeed {version}", ALLOW_UNTESTED_ENV, "cannot read the DeepSpeed version")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_version(version: str | None = None) -> None:
+    """Refuse a DeepSpeed outside `TESTED_SERIES` (the work-arounds patch its private code) unless
+    ``MMT_ALLOW_UNTESTED_DEEPSPEED=1``; ``version`` defaults to the installed ``deepspeed.__version__``."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if _series(version) == TESTED_SERIES or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        return
+    tested = ".".join(map(str, TESTED_SERIES))
+    raise ConfigError(
+        f"deepspeed {version}",
+        ALLOW_UNTESTED_ENV,
+        f"mmt's DeepSpeed work-arounds ({', '.join(WORKAROUNDS)}) are tested on DeepSpeed {tested}.x only; "
+        f"install deepspeed=={tested}.* or set {ALLOW_UNTESTED_ENV}=1 (then run tests/test_ds_compat.py to see "
+        "which work-arounds the new version still needs)",
+    )
+
 
 _PATCHED = False
 
 
 def patch_deepspeed() -> None:
+    """Apply the engine work-arounds (scalar_broadcast, scalar_grad_clip, scalar_zero3_init) once per process."""
     global _PATCHED
     if _PATCHED:
         return
+    check_version()
+    import deepspeed.runtime.engine as engine_mod
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
 
-    original = DeepSpeedEngine._broadcast_model
+    DeepSpeedEngine._broadcast_model = _scalar_broadcast(DeepSpeedEngine._broadcast_model)
+    engine_mod.clip_grad_norm_ = _scalar_grad_clip(engine_mod.clip_grad_norm_)
+    Init._zero_init_param = _scalar_zero3_init(Init._zero_init_param)
+    _PATCHED = True
+
+
+def _scalar_broadcast(original: Any) -> Any:
+    """scalar_broadcast: scalars take a 1-element shape (a view of the same storage) for the broadcast only."""
 
     @functools.wraps(original)
     def broadcast_model(self):  # type: ignore[no-untyped-def]
@@ -40,30 +145,29 @@ def patch_deepspeed() -> None:
             for p in scalars:
                 p.data = p.data.reshape(())
 
-    DeepSpeedEngine._broadcast_model = broadcast_model
+    return broadcast_model
 
-    import deepspeed.runtime.engine as engine_mod
 
-    original_clip = engine_mod.clip_grad_norm_
+def _scalar_grad_clip(original: Any) -> Any:
+    """scalar_grad_clip: scalar gradients go in as 1-element views, so clipping scales them in place."""
 
-    @functools.wraps(original_clip)
+    @functools.wraps(original)
     def clip_grad_norm_(parameters, *args, **kwargs):  # type: ignore[no-untyped-def]
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         if any(p.grad is not None and p.grad.dim() == 0 for p in params):
             params = [_GradView(p) if p.grad is not None and p.grad.dim() == 0 else p for p in params]
-        return original_clip(params, *args, **kwargs)
+        return original(params, *args, **kwargs)
 
-    engine_mod.clip_grad_norm_ = clip_grad_norm_
+    return clip_grad_norm_
 
-    from deepspeed.runtime.zero.partition_parameters import Init
 
-    original_init_param = Init._zero_init_param
+def _scalar_zero3_init(original: Any) -> Any:
+    """scalar_zero3_init: DeepSpeed's own steps for one parameter, the broadcast on a 1-element view."""
 
-    @functools.wraps(original_init_param)
+    @functools.wraps(original)
     def zero_init_param(self, param):  # type: ignore[no-untyped-def]
         if param.dim() != 0:
-            return original_init_param(self, param)
-        # DeepSpeed's own steps for one parameter, with the broadcast on a 1-element view of the scalar.
+            return original(self, param)
         import deepspeed.comm as dist
 
         self._convert_to_deepspeed_param(param)
@@ -72,8 +176,7 @@ def patch_deepspeed() -> None:
         dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
         param.partition()
 
-    Init._zero_init_param = zero_init_param
-    _PATCHED = True
+    return zero_init_param
 
 
 class _GradView:
@@ -82,3 +185,63 @@ class _GradView:
     def __init__(self, p: torch.Tensor) -> None:
         self.grad = p.grad.view(1)
         self.device = p.device
+
+
+def patch_ds_to_universal() -> Any:
+    """Apply scalar_universal_merge and return DeepSpeed's ``ds_to_universal`` module (forked workers inherit it).
+
+    Scalar fragments stay 1-element 1-d: DeepSpeed's universal loader flattens every parameter before slicing out
+    a rank's fragment, so it loads them unchanged."""
+    check_version()
+    from deepspeed.checkpoint import ds_to_universal as ds
+
+    original = ds._merge_zero_shards
+    if getattr(original, "_mmt_patched", False):
+        return ds
+
+    @functools.wraps(original)
+    def merge_zero_shards(*args, **kwargs):  # type: ignore[no-untyped-def]
+        slices = original(*args, **kwargs)
+        return [s.reshape(1) if torch.is_tensor(s) and s.dim() == 0 else s for s in slices]
+
+    merge_zero_shards._mmt_patched = True  # type: ignore[attr-defined]
+    ds._merge_zero_shards = merge_zero_shards
+    return ds
+
+
+def fix_zero3_universal_load(engine: Any, saved_optimizer_state: dict[str, Any], source: Path) -> None:
+    """zero3_universal_param_groups: after ``engine.load_checkpoint`` of a universal checkpoint under ZeRO-3, give
+    each param group its saved hyper-parameters back and each sub-group its own copy of its saved Adam step.
+
+    ``saved_optimizer_state``: the universal checkpoint's ``zero/optimizer_state.pt`` (``source``, named in
+    errors)."""
+    check_version()
+    saved = saved_optimizer_state.get("param_groups")
+    zero_opt = engine.optimizer
+    groups = zero_opt.optimizer.param_groups
+    if not saved or len(saved) != len(groups):
+        raise CheckpointError(
+            f"{source}: {len(saved or [])} optimizer param group(s) saved, this run has {len(groups)}: "
+            "the parameter grouping (e.g. weight-decay split) must match the saved run"
+        )
+    for group, old in zip(groups, saved):
+        for key, value in old.items():
+            if key != "params":
+                group[key] = value
+    saved_states = (saved_optimizer_state.get("optimizer_state_dict") or {}).get("state") or {}
+    for i, flat in enumerate(zero_opt.fp32_partitioned_groups_flat):
+        state = zero_opt.optimizer.state.get(flat)
+        if state and torch.is_tensor(state.get("step")):
+            step = saved_states.get(i, {}).get("step", state["step"])
+            state["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
+
+
+def reset_comm_backend() -> None:
+    """comm_backend_reset: drop DeepSpeed's cached comm backend after the process group is destroyed, so a later
+    run in this process (tests, notebooks) initialises a fresh one."""
+    try:
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None
+    except Exception:  # noqa: BLE001 - best effort: the process is usually exiting anyway
+        pass

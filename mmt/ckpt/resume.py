@@ -26,6 +26,7 @@ from typing import Any
 from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.modelcheck import diff_dicts
 from mmt.ckpt.torchio import check_files, load_pt
+from mmt.ds_compat import fix_zero3_universal_load
 
 
 @dataclass
@@ -156,7 +157,8 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
     if load_path is None or client is None:
         raise CheckpointError(f"{plan.load_dir / plan.tag}: DeepSpeed found no checkpoint files to load")
     if plan.load_universal and plan.zero_stage == 3:
-        _fix_zero3_universal_load(engine, plan)
+        path = plan.load_dir / plan.tag / "zero" / "optimizer_state.pt"
+        fix_zero3_universal_load(engine, load_pt(path, mmap=False), path)
     step = mmt_client_state(client).get("step", engine.global_steps)
     if int(step) != plan.step or int(engine.global_steps) != plan.step:
         raise CheckpointError(
@@ -164,39 +166,6 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
             f"(engine global_steps {engine.global_steps})"
         )
     return client
-
-
-def _fix_zero3_universal_load(engine: Any, plan: ResumePlan) -> None:
-    """Undo two ways DeepSpeed's ZeRO-3 universal load (0.19) silently changes training with several param groups.
-
-    1. It copies param group 0's hyper-parameters into every group, so the group without weight decay (norms,
-       biases) would decay like the matrices: each group gets its own saved values back.
-    2. It gives every sub-group's Adam state the *same* ``step`` tensor; torch's Adam increments it in place, so
-       with k sub-groups the later ones count k steps per step and their bias correction goes wrong: each
-       sub-group gets its own copy of its saved step.
-    """
-    import torch
-
-    path = plan.load_dir / plan.tag / "zero" / "optimizer_state.pt"
-    saved_sd = load_pt(path, mmap=False)
-    saved = saved_sd.get("param_groups")
-    zero_opt = engine.optimizer
-    groups = zero_opt.optimizer.param_groups
-    if not saved or len(saved) != len(groups):
-        raise CheckpointError(
-            f"{path}: {len(saved or [])} optimizer param group(s) saved, this run has {len(groups)}: "
-            "the parameter grouping (e.g. weight-decay split) must match the saved run"
-        )
-    for group, old in zip(groups, saved):
-        for key, value in old.items():
-            if key != "params":
-                group[key] = value
-    saved_states = (saved_sd.get("optimizer_state_dict") or {}).get("state") or {}
-    for i, flat in enumerate(zero_opt.fp32_partitioned_groups_flat):
-        state = zero_opt.optimizer.state.get(flat)
-        if state and torch.is_tensor(state.get("step")):
-            step = saved_states.get(i, {}).get("step", state["step"])
-            state["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
 
 
 def mmt_client_state(client_state: dict[str, Any]) -> dict[str, Any]:

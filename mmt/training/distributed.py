@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mmt.ds_compat import reset_comm_backend
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -179,13 +181,8 @@ def teardown_distributed(created: bool) -> None:
 
 
 def _reset_deepspeed_comm() -> None:
-    # DeepSpeed caches its comm backend in a module global; drop it so a later run in this process starts clean.
-    try:
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
-    except Exception:  # noqa: BLE001 - best effort: the process is usually exiting anyway
-        pass
+    # DeepSpeed keeps its comm backend after the group is destroyed; a later run in this process starts clean.
+    reset_comm_backend()
 
 
 def broadcast_object(obj, src: int = 0):
