@@ -1,13 +1,21 @@
-"""Peak memory and wall time of `mmt ckpt convert` against DeepSpeed's `zero_to_fp32`, on one ZeRO-3 checkpoint.
+"""Wall time and peak memory of `mmt ckpt convert` against DeepSpeed's `zero_to_fp32`, as the model grows.
 
-    .venv/bin/python benchmarks/bench_ckpt.py [--model configs/model/base_tri.yaml] [--nproc 2] [--workdir DIR]
-    .venv/bin/python benchmarks/bench_ckpt.py --synthetic-gb 0.5 2   # peak RSS as the model grows
+    .venv/bin/python benchmarks/bench_ckpt.py [--model configs/model/base_tri.yaml] [--repeats 3]
+    .venv/bin/python benchmarks/bench_ckpt.py --synthetic-gb 0.5 1 2 4   # the base model, then synthetic sizes
+    .venv/bin/python benchmarks/bench_ckpt.py --no-model --synthetic-gb 2 # synthetic sizes only
 
-Makes a real ZeRO-3 checkpoint of the model (``torchrun -m mmt.ckpt.harness``, one training step, fp32), then
-runs each converter in its own fresh process and reads that process's peak RSS from
-``getrusage(RUSAGE_SELF)`` at its exit (memory-mapped file pages a process touches count too). A third process
-that only imports torch and deepspeed gives the shared baseline. Both outputs are then compared tensor by
-tensor (they must be identical). Prints the numbers and the ratios mmt / DeepSpeed.
+Makes a real ZeRO-3 checkpoint of the model (``torchrun -m mmt.ckpt.harness``, one training step, fp32) and, with
+``--synthetic-gb``, ZeRO-3 checkpoints of that many GB of fp32 weights in DeepSpeed's file layout (no training).
+On each, both converters run ``--repeats`` times, side by side (alternating which goes first), each in its own
+fresh process, together with a process that only imports torch and deepspeed (the shared baseline).
+
+Memory is the process's peak resident set (``VmHWM`` of ``/proc/self/status`` at exit: anonymous memory plus the
+pages of memory-mapped files it touched), minus the baseline's. Not ``getrusage``'s ``ru_maxrss``: Linux carries
+the parent's peak into a child across fork/exec, so a child of this (large) benchmark process would report at
+least the parent's peak. The anonymous part (heap, tensors; no file pages) is sampled every 10 ms and printed
+beside it. Both outputs are compared tensor by tensor (they must be identical). Prints a row per checkpoint with
+the medians over the repeats and the median of the per-repeat ratios mmt / DeepSpeed, then the same rows as the
+Markdown table the README shows.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,11 +33,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Each measured command runs inside this wrapper, which reports the wall time and its own peak RSS.
+# Each measured command runs inside this wrapper, which reports the wall time and its own peak memory.
 WRAPPER = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 t = time.perf_counter()
 import torch, deepspeed  # noqa: F401  (both converters need them; the baseline is just this)
+
+def status():
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmHWM", "RssAnon"):
+                    out[k] = int(v.split()[0]) / 1024
+    except OSError:  # not Linux: ru_maxrss (may include a parent's peak), no anonymous split
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+anon = [status().get("RssAnon", 0.0)]
+done = threading.Event()
+
+def sample():
+    while not done.wait(0.01):
+        anon[0] = max(anon[0], status().get("RssAnon", 0.0))
+
+threading.Thread(target=sample, daemon=True).start()
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "mmt":
     from mmt.ckpt.cli import main
@@ -41,8 +71,11 @@ elif mode == "deepspeed":
     rc = 0
 else:
     rc = 0
-print("BENCH " + json.dumps({"rc": rc, "wall_s": time.perf_counter() - t,
-                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+wall = time.perf_counter() - t
+done.set()
+end = status()
+print("BENCH " + json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mb": end["VmHWM"],
+                             "peak_anon_mb": max(anon[0], end.get("RssAnon", 0.0))}))
 """
 
 
@@ -53,7 +86,10 @@ def measure(mode: str, *args: str) -> dict:
     )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
-            return json.loads(line[6:])
+            out = json.loads(line[6:])
+            if out["rc"] != 0:
+                break
+            return out
     raise SystemExit(f"{mode} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
@@ -126,29 +162,6 @@ def make_synthetic_checkpoint(save_dir: Path, gb: float, world: int = 2) -> None
     (save_dir / "latest").write_text("global_step1")
 
 
-def synthetic_curve(sizes: list[float], work: Path, max_shard_size: str) -> None:
-    """Peak RSS of both converters on synthetic checkpoints of growing size, side by side per size."""
-    base = measure("baseline")
-    print(
-        f"{'fp32 weights':>14}{'zero_to_fp32 s':>16}{'mmt s':>8}{'zero_to_fp32 RSS+ MiB':>24}{'mmt RSS+ MiB':>14}"
-    )
-    for gb in sizes:
-        save = work / f"synthetic_{gb}"
-        shutil.rmtree(save, ignore_errors=True)
-        make_synthetic_checkpoint(save, gb)
-        for d in ("out_mmt", "out_ds"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        ds = measure("deepspeed", str(save), str(work / "out_ds"), "global_step1", max_shard_size)
-        ours = measure("mmt", str(save), str(work / "out_mmt"), "--max-shard-size", max_shard_size)
-        compare(work / "out_mmt", work / "out_ds")
-        weights_gb = sum(f.stat().st_size for f in (work / "out_mmt").glob("*.safetensors")) / 1e9
-        above = lambda r: r["peak_rss_mb"] - base["peak_rss_mb"]  # noqa: E731
-        print(
-            f"{weights_gb:>11.2f} GB{ds['wall_s']:>16.1f}{ours['wall_s']:>8.1f}{above(ds):>24.0f}{above(ours):>14.0f}"
-        )
-        shutil.rmtree(save, ignore_errors=True)
-
-
 def compare(ours: Path, theirs: Path) -> int:
     """Tensor-by-tensor equality of our safetensors output and DeepSpeed's pickled one; returns the count."""
     import torch
@@ -169,66 +182,136 @@ def compare(ours: Path, theirs: Path) -> int:
     return len(fa)
 
 
+def side_by_side(label: str, src: str, tag: str, work: Path, repeats: int, max_shard_size: str) -> dict:
+    """Both converters ``repeats`` times on one checkpoint (alternating which runs first), outputs compared once.
+
+    Returns the medians (wall s, peak RSS above the import baseline, its anonymous part) and the medians of the
+    per-repeat ratios mmt / DeepSpeed: each pair ran back to back, so the ratio cancels the load of the moment.
+    """
+    runs: dict[str, list[dict]] = {"base": [], "ds": [], "mmt": []}
+    for i in range(repeats):
+        for d in ("out_mmt", "out_ds"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        runs["base"].append(measure("baseline"))
+        order = ("ds", "mmt") if i % 2 == 0 else ("mmt", "ds")
+        for who in order:
+            if who == "ds":
+                runs["ds"].append(measure("deepspeed", src, str(work / "out_ds"), tag, max_shard_size))
+            else:
+                runs["mmt"].append(
+                    measure(
+                        "mmt", src, str(work / "out_mmt"), "--tag", tag, "--max-shard-size", max_shard_size
+                    )
+                )
+        if i == 0:
+            n = compare(work / "out_mmt", work / "out_ds")
+            weights_gb = sum(f.stat().st_size for f in (work / "out_mmt").glob("*.safetensors")) / 1e9
+    for d in ("out_mmt", "out_ds"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    base_rss = statistics.median(r["peak_rss_mb"] for r in runs["base"])
+    base_anon = statistics.median(r["peak_anon_mb"] for r in runs["base"])
+
+    def med(who: str, key: str, minus: float = 0.0) -> float:
+        return statistics.median(r[key] - minus for r in runs[who])
+
+    ratio = lambda key, minus: statistics.median(  # noqa: E731
+        max(1.0, m[key] - minus) / max(1.0, d[key] - minus) for m, d in zip(runs["mmt"], runs["ds"])
+    )
+    row = {
+        "checkpoint": label,
+        "tensors": n,
+        "weights_gb": weights_gb,
+        "repeats": repeats,
+        "ds_s": med("ds", "wall_s"),
+        "mmt_s": med("mmt", "wall_s"),
+        "time_ratio": statistics.median(m["wall_s"] / d["wall_s"] for m, d in zip(runs["mmt"], runs["ds"])),
+        "ds_rss_mb": med("ds", "peak_rss_mb", base_rss),
+        "mmt_rss_mb": med("mmt", "peak_rss_mb", base_rss),
+        "rss_ratio": ratio("peak_rss_mb", base_rss),
+        "ds_anon_mb": med("ds", "peak_anon_mb", base_anon),
+        "mmt_anon_mb": med("mmt", "peak_anon_mb", base_anon),
+        "base_rss_mb": base_rss,
+    }
+    print(
+        f"{label}: {n} tensors, {weights_gb:.2f} GB of fp32 weights, outputs identical; medians of {repeats}: "
+        f"zero_to_fp32 {row['ds_s']:.1f} s / {row['ds_rss_mb']:.0f} MiB, mmt {row['mmt_s']:.1f} s / "
+        f"{row['mmt_rss_mb']:.0f} MiB above import ({base_rss:.0f} MiB); ratio mmt / zero_to_fp32: wall time "
+        f"{row['time_ratio']:.2f}x, RSS above import {row['rss_ratio']:.2f}x",
+        flush=True,
+    )
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: one row per checkpoint, medians and median ratios."""
+    lines = [
+        "| checkpoint | fp32 weights | `zero_to_fp32` s | `mmt ckpt convert` s | time ratio "
+        "| `zero_to_fp32` RSS+ MiB | `mmt` RSS+ MiB | RSS ratio | anonymous RSS+ MiB (`zero_to_fp32` / `mmt`) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['checkpoint']} | {r['weights_gb']:.2f} GB | {r['ds_s']:.1f} | {r['mmt_s']:.1f} "
+            f"| {r['time_ratio']:.2f}x | {r['ds_rss_mb']:.0f} | {r['mmt_rss_mb']:.0f} | {r['rss_ratio']:.2f}x "
+            f"| {r['ds_anon_mb']:.0f} / {r['mmt_anon_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO / "configs/model/base_tri.yaml"))
+    p.add_argument("--no-model", action="store_true", help="skip the trained model's checkpoint")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each converter per checkpoint (medians)")
     p.add_argument("--max-shard-size", default="5GB", help="output shard limit, the same for both converters")
     p.add_argument(
-        "--workdir", default=None, help="keep the checkpoint and outputs here (default: a temp dir)"
+        "--workdir", default=None, help="keep the model checkpoint and outputs here (default: a temp dir)"
     )
     p.add_argument(
         "--synthetic-gb",
         type=float,
         nargs="+",
-        default=None,
-        help="instead: synthetic ZeRO-3 checkpoints of these sizes (GB of fp32 weights), peak RSS per size",
+        default=[],
+        help="also synthetic ZeRO-3 checkpoints of these sizes (GB of fp32 weights, 2 ranks, 16 MiB layers)",
     )
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
-    if args.synthetic_gb:
-        try:
-            synthetic_curve(args.synthetic_gb, work, args.max_shard_size)
-        finally:
-            if not args.workdir:
-                shutil.rmtree(work, ignore_errors=True)
-        return 0
-    run_dir = work / "run"
+    rows: list[dict] = []
     try:
-        t = time.perf_counter()
-        if not (run_dir / "checkpoints" / "latest").is_file():
-            make_checkpoint(args.model, args.nproc, run_dir)
-        tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-        ckpt_bytes = sum(f.stat().st_size for f in (run_dir / "checkpoints" / tag).iterdir())
-        print(
-            f"checkpoint: {args.model}, ZeRO-3 on {args.nproc} ranks, {ckpt_bytes / 1e9:.2f} GB on disk "
-            f"(made in {time.perf_counter() - t:.0f} s)"
-        )
-        for d in ("out_mmt", "out_ds"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        base = measure("baseline")
-        ds = measure(
-            "deepspeed", str(run_dir / "checkpoints"), str(work / "out_ds"), tag, args.max_shard_size
-        )
-        ours = measure("mmt", str(run_dir), str(work / "out_mmt"), "--max-shard-size", args.max_shard_size)
-        n = compare(work / "out_mmt", work / "out_ds")
-        weights_mb = sum(f.stat().st_size for f in (work / "out_mmt").glob("*.safetensors")) / 2**20
-        print(f"outputs identical: {n} tensors, {weights_mb:.0f} MiB of weights\n")
-        print(f"{'':28}{'wall s':>10}{'peak RSS MiB':>16}{'RSS above import MiB':>24}")
-        for name, r in (
-            ("import torch+deepspeed", base),
-            ("deepspeed zero_to_fp32", ds),
-            ("mmt ckpt convert", ours),
-        ):
+        if not args.no_model:
+            run_dir = work / "run"
+            t = time.perf_counter()
+            if not (run_dir / "checkpoints" / "latest").is_file():
+                make_checkpoint(args.model, args.nproc, run_dir)
+            tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+            ckpt_bytes = sum(f.stat().st_size for f in (run_dir / "checkpoints" / tag).iterdir())
             print(
-                f"{name:28}{r['wall_s']:>10.1f}{r['peak_rss_mb']:>16.0f}{r['peak_rss_mb'] - base['peak_rss_mb']:>24.0f}"
+                f"checkpoint: {args.model}, ZeRO-3 on {args.nproc} ranks, {ckpt_bytes / 1e9:.2f} GB on disk "
+                f"(made in {time.perf_counter() - t:.0f} s)",
+                flush=True,
             )
-        above = lambda r: max(1.0, r["peak_rss_mb"] - base["peak_rss_mb"])  # noqa: E731
-        print(
-            f"\nratio mmt / deepspeed: wall time {ours['wall_s'] / ds['wall_s']:.2f}x, "
-            f"peak RSS {ours['peak_rss_mb'] / ds['peak_rss_mb']:.2f}x, "
-            f"RSS above import {above(ours) / above(ds):.2f}x"
-        )
+            label = f"{Path(args.model).stem} (trained, ZeRO-3, {args.nproc} ranks)"
+            rows.append(
+                side_by_side(
+                    label, str(run_dir / "checkpoints"), tag, work, args.repeats, args.max_shard_size
+                )
+            )
+        for gb in args.synthetic_gb:
+            save = work / f"synthetic_{gb}"
+            shutil.rmtree(save, ignore_errors=True)
+            make_synthetic_checkpoint(save, gb)
+            try:
+                label = f"synthetic {gb:g} GB (ZeRO-3, 2 ranks)"
+                rows.append(
+                    side_by_side(label, str(save), "global_step1", work, args.repeats, args.max_shard_size)
+                )
+            finally:
+                shutil.rmtree(save, ignore_errors=True)
+        print("\n" + markdown_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
