@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from mmt.config.errors import ConfigError
 from mmt.config.fields import cfg_field
+from mmt.config.tasks import TASK_NAMES
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = cfg_field("retrieval", doc="training task", choices=("retrieval", "vqa", "captioning"))
+    task: str = cfg_field("retrieval", doc="training task (mmt.config.tasks)", choices=TASK_NAMES)
     seed: int = cfg_field(0, doc="global seed")
     run_dir: str = cfg_field(
         "runs/${tracking.run_name}", doc="where checkpoints, logs and the resolved config go"

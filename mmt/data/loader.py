@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from mmt.config import ConfigError
 from mmt.config.root import Config
+from mmt.config.tasks import task_spec
 from mmt.data import storage
 from mmt.data.faults import DataError, FailureTracker
 from mmt.data.indexed import (
@@ -131,7 +132,7 @@ def build_codec(
     if m.text is not None:
         tokenizer = build_tokenizer(m.text.tokenizer)
         text_len = cfg.data.text_max_len or m.text.max_len
-        if task == "captioning" and m.decoder is not None:
+        if task_spec(task).text_len_from_decoder and m.decoder is not None:
             text_len = min(text_len, m.decoder.max_len)
     image = audio = None
     image_shape: tuple[int, int, int] = (3, 1, 1)
@@ -149,9 +150,9 @@ def build_codec(
         audio_len = audio.max_samples
         if spec is not None:
             audio_len, audio_mels = audio_len // m.audio.hop_length + 1, m.audio.n_mels
-    if task == "vqa" and vocab is None:
+    if task_spec(task).answer_targets and vocab is None:
         vocab = answer_vocab(cfg, settings)  # type: ignore[arg-type]
-    elif task != "vqa":
+    elif not task_spec(task).answer_targets:
         vocab = None
     decoder = SampleDecoder(
         task,

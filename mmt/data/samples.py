@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmt.config.tasks import task_spec
 from mmt.data import media
 from mmt.data.schema import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, first_of, normalize_answer
 from mmt.data.transforms import AudioTransform, ImageTransform
 from mmt.text import Tokenizer
-
-TASKS = ("retrieval", "vqa", "captioning")
 
 
 @dataclass
@@ -95,23 +94,21 @@ class SampleDecoder:
         audio: AudioTransform | None = None,
         answer_vocab: list[str] | None = None,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task {task!r} is not one of {TASKS}")
-        self.task, self.modalities, self.train = task, modalities, train
+        self.task, self.modalities, self.train = task_spec(task), modalities, train
         self.tokenizer, self.text_max_len, self.caption_choice = tokenizer, text_max_len, caption_choice
         self.image, self.audio = image, audio
         self.vocab = {normalize_answer(a): i for i, a in enumerate(answer_vocab or [])}
-        if task == "vqa" and not self.vocab:
-            raise ValueError("task vqa needs an answer vocabulary")
+        if self.task.answer_targets and not self.vocab:
+            raise ValueError(f"task {task} needs an answer vocabulary")
 
     def __call__(self, key: str, raw: dict[str, bytes], rng: np.random.Generator) -> dict[str, Any]:
         meta = _json(raw)
         out: dict[str, Any] = {"key": key}
         if "text" in self.modalities and self.tokenizer is not None:
-            if self.task == "vqa":
+            if self.task.text == "question":
                 question = meta.get("question")
                 if not isinstance(question, str) or not question.strip():
-                    raise ValueError("task vqa: no 'question' in the sample's json")
+                    raise ValueError(f"task {self.task.name}: no 'question' in the sample's json")
                 text = question
             else:
                 caps = captions_of(raw, meta)
@@ -131,7 +128,7 @@ class SampleDecoder:
             found = first_of(raw, AUDIO_EXTS)
             if found is not None:
                 out["audio"] = self.audio(found[1], rng)
-        if self.task == "vqa":
+        if self.task.answer_targets:
             out["answer_targets"] = soft_scores(answers_of(meta), self.vocab)
         label = meta.get("label")
         if isinstance(label, int) and not isinstance(label, bool):
@@ -199,7 +196,7 @@ class Collator:
                     present[i] = True
             batch.update(audio_features=feats, audio_attention_mask=mask, audio_present=present)
         batch["labels"] = torch.tensor([int(r.get("label", -1)) for r in rows], dtype=torch.long)
-        if s.task == "vqa":
+        if task_spec(s.task).answer_targets:
             targets = torch.zeros(b, s.num_answers)
             for i, r in enumerate(rows):
                 targets[i] = r["answer_targets"]

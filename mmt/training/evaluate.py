@@ -1,5 +1,7 @@
 """Evaluation on the held-out set for each task, distributed the same way as training.
 
+`evaluate` asks the task (`Task.evaluate`), which calls its metric function here.
+
 Each rank evaluates its share of the held-out shards; per-sample results are gathered and de-duplicated by sample
 key before the metrics are computed, so the numbers do not depend on the world size. Every rank runs the same
 number of forward passes (a rank that ran out of data repeats a dummy batch and discards it): under ZeRO-3 each
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +20,9 @@ from mmt.training.distributed import any_rank, gather_objects
 from mmt.training.inputs import FEATURE_KEY, MASK_KEY
 from mmt.training.losses import caption_loss, clip_pair_loss
 from mmt.training.metrics import corpus_bleu, recall_at_k, recall_chance
-from mmt.training.tasks import Task
+
+if TYPE_CHECKING:  # the tasks call the metric functions below
+    from mmt.training.tasks import Task
 
 RECALL_KS = (1, 5, 10)
 
@@ -60,11 +64,7 @@ def evaluate(
     was_training = engine.module.training
     engine.module.eval()
     try:
-        if task.name == "retrieval":
-            return _eval_retrieval(engine, task, loader, device, dtype, max_batches)
-        if task.name == "vqa":
-            return _eval_vqa(engine, task, loader, device, dtype, max_batches)
-        return _eval_captioning(engine, task, loader, device, dtype, max_batches, caption_max_tokens)
+        return task.evaluate(engine, loader, device, dtype, max_batches, caption_max_tokens)
     finally:
         engine.module.train(was_training)
 
@@ -83,7 +83,7 @@ def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _dedupe(out)
 
 
-def _eval_retrieval(engine, task, loader, device, dtype, max_batches) -> dict[str, float]:
+def retrieval_metrics(engine, task, loader, device, dtype, max_batches) -> dict[str, float]:
     rows: list[dict[str, Any]] = []
     logit_scale = None
     for batch, real in uniform_batches(loader, device, max_batches):
@@ -169,7 +169,7 @@ def _zero_shot(engine: Any, task: Task, rows: list[dict[str, Any]], device: torc
     return out
 
 
-def _eval_vqa(engine, task, loader, device, dtype, max_batches) -> dict[str, float]:
+def vqa_metrics(engine, task, loader, device, dtype, max_batches) -> dict[str, float]:
     rows: list[dict[str, Any]] = []
     for batch, real in uniform_batches(loader, device, max_batches):
         kwargs, present = task.inputs(batch, device, dtype)
@@ -225,7 +225,7 @@ def _words(tokenizer: Any, ids: list[int]) -> list[str]:
     return tokenizer.decode(ids).lower().split()
 
 
-def _eval_captioning(engine, task, loader, device, dtype, max_batches, max_tokens) -> dict[str, float]:
+def captioning_metrics(engine, task, loader, device, dtype, max_batches, max_tokens) -> dict[str, float]:
     from mmt.text import build_tokenizer
 
     tok = build_tokenizer(task.model_cfg.text.tokenizer)

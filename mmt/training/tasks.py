@@ -1,19 +1,23 @@
-"""The three training tasks behind one interface, chosen by ``train.task`` from a small registry.
+"""The three training tasks behind one interface, chosen by ``train.task`` from a small registry (`TASKS`).
 
-A task decides which towers a batch feeds, computes its loss from the model output, and says whether that loss is
-already global (contrastive: computed on the batch gathered from every rank) or per rank (averaged by the engine).
-Evaluation lives in `mmt.training.evaluate`.
+A task decides which towers a batch feeds, computes its loss from the model output, says whether that loss is
+already global (contrastive: computed on the batch gathered from every rank) or per rank (averaged by the engine),
+and computes its held-out metrics (with the functions of `mmt.training.evaluate`). What it needs in the batch is
+its `mmt.config.tasks.TaskSpec`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mmt.config.model import MultiModalConfig
+from mmt.config.tasks import TASK_SPECS
 from mmt.config.train import TrainConfig
+from mmt.training.evaluate import captioning_metrics, retrieval_metrics, vqa_metrics
 from mmt.training.inputs import FEATURE_KEY, MASK_KEY, model_inputs
 from mmt.training.losses import (
     caption_loss,
@@ -45,6 +49,11 @@ def _touch_outputs(out: Any) -> torch.Tensor:
 
 
 class Task:
+    """One training task: which towers a batch feeds, its loss (`step`) and its held-out metrics (`evaluate`).
+
+    Its batch contract (what the data pipeline puts in the batch) is ``TASK_SPECS[name]`` in `mmt.config.tasks`.
+    """
+
     name = ""
 
     def __init__(self, model_cfg: MultiModalConfig, train_cfg: TrainConfig) -> None:
@@ -64,6 +73,18 @@ class Task:
         return model_inputs(batch, self.model_cfg, self.encoder_modalities(), device, dtype)
 
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
+        raise NotImplementedError
+
+    def evaluate(
+        self,
+        engine: Any,
+        loader: Iterable[dict[str, Any]],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batches: int,
+        caption_max_tokens: int,
+    ) -> dict[str, float]:
+        """``val/...`` metrics over ``loader`` (called by `mmt.training.evaluate.evaluate`, model in eval mode)."""
         raise NotImplementedError
 
     def flops_parts(self) -> list[str]:
@@ -102,6 +123,17 @@ class RetrievalTask(Task):
         metrics.update({f"loss_{k}": v for k, v in parts.items()})
         return StepResult(loss * world + _touch_outputs(out), metrics, present, kwargs)
 
+    def evaluate(
+        self,
+        engine: Any,
+        loader: Iterable[dict[str, Any]],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batches: int,
+        caption_max_tokens: int,
+    ) -> dict[str, float]:
+        return retrieval_metrics(engine, self, loader, device, dtype, max_batches)
+
 
 class VQATask(Task):
     """Answer classification over the fused text + image (+ audio) vector; soft targets."""
@@ -125,6 +157,17 @@ class VQATask(Task):
         targets = targets * has_q[:, None]
         loss = vqa_loss(out.vqa_logits, targets)
         return StepResult(loss + _touch_outputs(out), {"loss": loss.detach()}, present, kwargs)
+
+    def evaluate(
+        self,
+        engine: Any,
+        loader: Iterable[dict[str, Any]],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batches: int,
+        caption_max_tokens: int,
+    ) -> dict[str, float]:
+        return vqa_metrics(engine, self, loader, device, dtype, max_batches)
 
 
 class CaptioningTask(Task):
@@ -163,8 +206,20 @@ class CaptioningTask(Task):
             loss + _touch_outputs(out), {"loss": loss.detach(), "nll": nll.detach()}, present, kwargs
         )
 
+    def evaluate(
+        self,
+        engine: Any,
+        loader: Iterable[dict[str, Any]],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batches: int,
+        caption_max_tokens: int,
+    ) -> dict[str, float]:
+        return captioning_metrics(engine, self, loader, device, dtype, max_batches, caption_max_tokens)
+
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (RetrievalTask, VQATask, CaptioningTask)}
+assert set(TASKS) == set(TASK_SPECS), "every task needs a TaskSpec in mmt.config.tasks and a class here"
 
 
 def build_task(model_cfg: MultiModalConfig, train_cfg: TrainConfig) -> Task:
