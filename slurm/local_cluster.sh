@@ -142,6 +142,7 @@ KillWait=5
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=${MMT_SLURMD_TIMEOUT:-60}
+MessageTimeout=${MMT_SLURM_MESSAGE_TIMEOUT:-10}
 ${node_lines%$'\n'}
 PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF

@@ -178,8 +178,9 @@ class MultiNodeCluster(SlurmCluster):
             ["bash", str(SCRIPT), "exec", node, *cmd], env=self.env, start_new_session=True, **popen
         )
 
-    def leftovers(self) -> list[str]:
-        """What a stopped cluster must not leave behind: namespaces, links, daemons of its state folder."""
+    def leftovers(self, own_munged: bool) -> list[str]:
+        """What a stopped cluster must not leave behind: namespaces, links, daemons of its state folder, and the
+        munged it started (``own_munged``: none ran before)."""
         out = []
         netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         out += [f"netns {x.split()[0]}" for x in netns.splitlines() if x.startswith("mmt-node")]
@@ -196,6 +197,8 @@ class MultiNodeCluster(SlurmCluster):
                 continue
             if d.name.isdigit() and str(self.state_dir) in cmd and re.search(r"slurm|sshd|sleep", cmd):
                 out.append(f"process {d.name}: {cmd[:120]}")
+            elif d.name.isdigit() and own_munged and cmd.split(" ")[0].endswith("munged"):
+                out.append(f"process {d.name}: {cmd[:120]}")
         return out
 
 
@@ -203,8 +206,9 @@ class MultiNodeCluster(SlurmCluster):
 def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeCluster]:
     """A 3-node cluster with sshd for one test module; SLURM_CONF points at it while the module runs.
 
-    Slurm declares a node DOWN after 10 s without an answer here (SlurmdTimeout), so a lost node is noticed
-    within a test's time."""
+    Slurm declares a node DOWN after 10 s without an answer here (SlurmdTimeout), and gives up on an RPC to a dead
+    node after 5 s (MessageTimeout; a ping cycle to a node whose link is down lasts that long), so a lost node is
+    noticed within a test's time."""
     state = tmp_path_factory.mktemp("slurm_multinode")
     env = {
         **os.environ,
@@ -212,6 +216,7 @@ def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mult
         "MMT_SLURMCTLD_PORT": str(_free_port()),
         "MMT_SLURMD_PORT": str(_free_port()),
         "MMT_SLURMD_TIMEOUT": "10",
+        "MMT_SLURM_MESSAGE_TIMEOUT": "5",
     }
     cluster = MultiNodeCluster(state / "slurm.conf", state, 3, env)
     proc = subprocess.run(
@@ -230,10 +235,11 @@ def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mult
         os.environ["SLURM_CONF"] = str(cluster.conf)
         yield cluster
     finally:
+        own_munged = (state / "munged.started").exists()
         _run_script("stop", env, 120)
         if old_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
-    left = cluster.leftovers()
+    left = cluster.leftovers(own_munged)
     assert not left, f"the stopped cluster left: {left}"

@@ -22,7 +22,16 @@ import pytest
 from mmt.slurm.cli import main as slurm_main
 from mmt.slurm.scontrol import wait_for_jobs
 from tests.fixtures_slurm import REPO, multinode_cluster, wait_for  # noqa: F401
-from tests.fixtures_train import BIN, consumed_keys, mmt_single, start, train_rows, write_config, write_shards
+from tests.fixtures_train import (
+    BIN,
+    consumed_keys,
+    key_records,
+    mmt_single,
+    start,
+    train_rows,
+    write_config,
+    write_shards,
+)
 
 JOB_TIMEOUT_S = 240
 # Same global batch and initial weights, other world sizes: only the order of fp32 reductions differs (the ZeRO
@@ -141,24 +150,29 @@ def test_two_node_jobs_in_srun_and_torchrun_mode_match_one_node(store, monkeypat
         _assert_losses_match(_losses(client, mlrun), ref)
 
 
-def test_deepspeed_launcher_across_nodes_with_pdsh_and_without_ssh(store, request):
-    """`launch/deepspeed_multinode.sh`: once on node1 (pdsh starts node2's rank over ssh), and once per node with
-    `--no-ssh NODE_RANK`; 1 slot per node, global batch 8, the same losses as one process."""
+def test_launch_scripts_across_nodes_deepspeed_pdsh_no_ssh_and_torchrun(store, request):
+    """The launch scripts as a user runs them on the nodes, 1 rank per node, global batch 8, the losses of one
+    process: `launch/deepspeed_multinode.sh` once on node1 (pdsh starts node2's rank over ssh) and once per node
+    with `--no-ssh NODE_RANK`; `launch/torchrun_multinode.sh` once per node (c10d rendezvous on node1)."""
     cluster = request.getfixturevalue("multinode_cluster")
-    tmp, script = store["tmp"], str(REPO / "launch" / "deepspeed_multinode.sh")
+    tmp, launch = store["tmp"], REPO / "launch"
     hostfile = tmp / "hostfile"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    pdsh_cfg, nossh_cfg = _config(store, "ds_pdsh"), _config(store, "ds_nossh")
-    env = {"MASTER_PORT": "29511", "PYTHONPATH": str(REPO)}
-    exported = ["env", f"PATH={BIN}:{os.environ['PATH']}", *(f"{k}={v}" for k, v in env.items())]
-    kw = {"cwd": tmp, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-    procs = {
-        "pdsh": cluster.on_node("node1", [*exported, "bash", script, str(hostfile), str(pdsh_cfg)], **kw)
-    }
-    exported[2] = "MASTER_PORT=29512"
+    cfgs = {name: _config(store, name) for name in ("ds_pdsh", "ds_nossh", "torchrun_sh")}
+    path = f"PATH={BIN}:{os.environ['PATH']}"
+
+    def on_node(node: str, port: int, *cmd: str) -> subprocess.Popen:
+        env = ["env", path, f"PYTHONPATH={REPO}", f"MASTER_PORT={port}", f"RDZV_ID=mmt-{port}"]
+        kw = {"cwd": tmp, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        return cluster.on_node(node, [*env, "bash", *cmd], **kw)
+
+    ds, tr = str(launch / "deepspeed_multinode.sh"), str(launch / "torchrun_multinode.sh")
+    procs = {"pdsh": on_node("node1", 29511, ds, str(hostfile), str(cfgs["ds_pdsh"]))}
     for rank, node in enumerate(("node1", "node2")):
-        cmd = [*exported, "bash", script, "--no-ssh", str(rank), str(hostfile), str(nossh_cfg)]
-        procs[f"nossh{rank}"] = cluster.on_node(node, cmd, **kw)
+        procs[f"nossh{rank}"] = on_node(
+            node, 29512, ds, "--no-ssh", str(rank), str(hostfile), str(cfgs["ds_nossh"])
+        )
+        procs[f"torchrun{rank}"] = on_node(node, 29513, tr, "2", "1", "node1:29513", str(cfgs["torchrun_sh"]))
     outs = {}
     try:
         for name, proc in procs.items():
@@ -170,11 +184,13 @@ def test_deepspeed_launcher_across_nodes_with_pdsh_and_without_ssh(store, reques
                 subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)
     assert "node2: " in outs["pdsh"]  # pdsh prefixes the remote node's output with its name
     assert "world size 2 (deepspeed, cpu)" in outs["pdsh"] + outs["nossh0"]
-    for name in ("ds_pdsh", "ds_nossh"):
+    assert "world size 2 (torchrun, cpu)" in outs["torchrun0"] + outs["torchrun1"]
+    for name, launcher in (("ds_pdsh", "deepspeed"), ("ds_nossh", "deepspeed"), ("torchrun_sh", "torchrun")):
         client, mlrun = _only_run(store["uri"], name)
         assert mlrun.info.status == "FINISHED"
         assert mlrun.data.tags["mmt.hostnames"] == "node1,node2"
-        assert mlrun.data.tags["mmt.launcher"] == "deepspeed"
+        assert mlrun.data.tags["mmt.world_size"] == "2"
+        assert mlrun.data.tags["mmt.launcher"] == launcher
         _assert_losses_match(_losses(client, mlrun), _reference(store, "ref8"))
 
 
@@ -188,6 +204,14 @@ def _global_batches(run_dir: Path, history: list[list]) -> dict[int, list[str]]:
         return [w for start_, w, *_ in history if start_ <= step][-1]
 
     return {s: [k for r in range(world_at(s)) for k in per_rank[r][s]] for s in sorted(per_rank[0])}
+
+
+def _attempts(run_dir: Path, rank: int) -> tuple[list[int], list[int]]:
+    """The steps this rank trained, in order, split where the sequence broke (a replay or a gap) into the part
+    before and the part after; the part after must then run without another break."""
+    steps = [step for step, _ in key_records(run_dir, rank)]  # one record per step (no gradient accumulation)
+    cut = next((i for i in range(1, len(steps)) if steps[i] != steps[i - 1] + 1), len(steps))
+    return steps[:cut], steps[cut:]
 
 
 def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, monkeypatch):
@@ -239,7 +263,16 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
         )
         == 1
     ), log
-    preempted_at = int(re.search(r"mmt: preempted \(SIGUSR1\) at step (\d+)", log).group(1))
+    # The preemption: the time-limit signal reached the batch shell only; its trap forwarded it to every rank on
+    # every node (each rank reports its own signal), all saved, and the job requeued itself.
+    preempted = re.findall(
+        r"mmt: preempted \(SIGUSR1\) at step (\d+); the signal reached (.*?); checkpoint", log
+    )
+    assert len(preempted) == 1, log
+    preempted_at = int(preempted[0][0])
+    assert preempted[0][1] == "2 of 2 ranks (on node1,node2)", log
+    assert "mmt-slurm: got SIGUSR1, forwarding it to the ranks" in log, log
+    assert "mmt-slurm: preempted (exit code" in log, log
     assert (
         len(
             re.findall(
@@ -269,4 +302,11 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
     assert meta["world_size"] == 3
     history = [[0, 3], [3, 2], [preempted_at, 3]]
     assert _global_batches(run_dir, history) == consumed_keys(ref, 0)
+    # Every step once after the lost node's replay: node1-2's ranks trained steps 3.. once each, straight through
+    # the preemption; node3's rank stopped with its node and trained again exactly from the preemption step on.
+    for rank in (0, 1):
+        first, rest = _attempts(run_dir, rank)
+        assert first[:3] == [0, 1, 2] and rest == list(range(3, steps)), (rank, first, rest)
+    first, rest = _attempts(run_dir, 2)
+    assert first[:3] == [0, 1, 2] and rest == list(range(preempted_at, steps)), (first, rest)
     _assert_losses_match(_losses(client, mlrun), ref)

@@ -468,3 +468,40 @@ def test_single_process_retries_when_its_port_is_taken_before_the_store_binds_it
         [sys.executable, "-c", PORT_RACE], capture_output=True, text=True, timeout=120, env=env
     )
     assert r.returncode == 0 and "picks 2" in r.stdout, r.stdout + r.stderr
+
+
+RDZV_BOUND = """
+import os, socket
+from datetime import timedelta
+import torch.distributed as dist
+import mmt.training.distributed as D
+
+def setup(rank, world):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()))
+    D.setup_distributed("cpu", "gloo", timeout_s=600, rdzv_timeout_s=1)
+
+for rank in (0, 1):  # rank 0 waits for a rank that never comes; rank 1 finds nobody at MASTER_ADDR
+    try:
+        setup(rank, 2)
+    except RuntimeError as e:
+        print("error:", str(e).splitlines()[0])
+setup(0, 1)
+print("store timeout", int(dist.distributed_c10d._get_default_store().timeout.total_seconds()))
+dist.destroy_process_group()
+"""
+
+
+def test_rendezvous_is_bounded_by_its_own_timeout_then_collectives_by_the_collective_one():
+    """train.rdzv_timeout_s (1 s here) ends a rendezvous that lacks a rank, on the hosting rank 0 and on a rank
+    that finds no host, while train.dist_timeout_s (600 s) stays the bound of everything after it: without the
+    rendezvous bound this script would run into the subprocess timeout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    r = subprocess.run(
+        [sys.executable, "-c", RDZV_BOUND], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    errors = [line for line in r.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, r.stdout + r.stderr
+    for rank, line in enumerate(errors):
+        assert f"(rank {rank} of 2): not every rank joined within train.rdzv_timeout_s=1 s" in line, line
+    assert "store timeout 600" in r.stdout, r.stdout

@@ -80,12 +80,6 @@ class SlurmConfig:
     master_port: int = cfg_field(
         0, doc="rendezvous port on the head node (0: derived from the job id)", ge=0, le=65535
     )
-    rdzv_timeout_s: int = cfg_field(
-        300,
-        doc="torchrun launch: how long the node agents wait for every node to join the c10d rendezvous "
-        "(the ranks' collective timeout is train.dist_timeout_s)",
-        ge=1,
-    )
     python: str = cfg_field("", doc="interpreter the ranks run ('': the one running `mmt slurm submit`)")
     entry: str = cfg_field(
         "mmt.cli train",

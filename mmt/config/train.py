@@ -97,7 +97,18 @@ class TrainConfig:
         doc="process-group backend: auto (nccl on cuda, gloo on cpu), nccl, gloo",
         choices=("auto", "nccl", "gloo"),
     )
-    dist_timeout_s: int = cfg_field(600, doc="collective timeout in seconds", ge=1)
+    dist_timeout_s: int = cfg_field(
+        600,
+        doc="collective timeout in seconds: how long a rank waits for its peers in a collective (a silent "
+        "peer, a lost node); must cover rank 0 converting a checkpoint for another world size",
+        ge=1,
+    )
+    rdzv_timeout_s: int = cfg_field(
+        300,
+        doc="rendezvous timeout in seconds: how long the ranks (srun, deepspeed launcher) or the torchrun node "
+        "agents (`mmt slurm submit --launch torchrun`) wait for every rank or node to join at start-up",
+        ge=1,
+    )
 
     # Task losses.
     label_smoothing: float = cfg_field(

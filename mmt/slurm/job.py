@@ -176,7 +176,7 @@ def template_values(
         "cpus_per_node": s.cpus_per_task * procs,
         "gpus_per_node": s.gpus_per_node,
         "procs_per_node": procs,
-        "rdzv_timeout_s": s.rdzv_timeout_s,
+        "rdzv_timeout_s": max(m.config.train.rdzv_timeout_s for m in members),
         "sbatch_tasks_per_node": 1 if torchrun else procs,
         "sbatch_cpus_per_task": s.cpus_per_task * procs if torchrun else s.cpus_per_task,
         "cpus_per_task": s.cpus_per_task,

@@ -8,6 +8,7 @@ CUDA (nccl). `setup_distributed` initialises the process group only when nobody 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -104,12 +105,14 @@ def select_device(kind: str, local_rank: int) -> torch.device:
 
 
 def setup_distributed(
-    device_kind: str = "auto", backend: str = "auto", timeout_s: int = 600
+    device_kind: str = "auto", backend: str = "auto", timeout_s: int = 600, rdzv_timeout_s: int | None = None
 ) -> tuple[DistEnv, torch.device, bool]:
     """Export the rank variables, pick the device, and initialise the process group through DeepSpeed.
 
-    Returns (env, device, created): ``created`` is False when the group already existed (then it is left alone
-    at teardown).
+    Two bounds: ``rdzv_timeout_s`` (default ``timeout_s``) is how long a rank waits for every rank to join the
+    rendezvous (rank 0's store, on MASTER_ADDR), ``timeout_s`` how long a collective waits for its peers. Returns
+    (env, device, created): ``created`` is False when the group already existed (then it is left alone at
+    teardown).
     """
     own_port = _launcher() == "single" and "MASTER_PORT" not in os.environ
     env = detect_env()
@@ -131,6 +134,7 @@ def setup_distributed(
                     timeout=timedelta(seconds=timeout_s),
                     auto_mpi_discovery=False,
                     verbose=False,
+                    init_method=_rendezvous_url(rdzv_timeout_s or timeout_s),
                 )
                 break
             except dist.DistNetworkError as e:
@@ -144,6 +148,50 @@ def setup_distributed(
             dist_backend=backend, auto_mpi_discovery=False, verbose=False, dist_init_required=False
         )
     return env, device, created
+
+
+RDZV_SCHEME = "mmt-env"
+
+
+def _rendezvous_url(timeout_s: int) -> str:
+    """An ``init_method`` for torch's env:// rendezvous whose wait is bounded by ``timeout_s`` (torch bounds it by
+    the collective timeout); torch then sets the store's timeout to the collective one."""
+    from torch.distributed.rendezvous import register_rendezvous_handler
+
+    with contextlib.suppress(RuntimeError):  # registered by an earlier run in this process
+        register_rendezvous_handler(RDZV_SCHEME, _env_rendezvous)
+    return f"{RDZV_SCHEME}://?rdzv_timeout_s={timeout_s}"
+
+
+def _env_rendezvous(url: str, timeout: timedelta = timedelta(minutes=10), **kwargs):
+    """Rank 0 hosts the store on MASTER_ADDR:MASTER_PORT and waits for WORLD_SIZE ranks (under torchrun the agent
+    hosts it); one clear error names the bound when a rank does not come (a lost node, a wrong MASTER_ADDR)."""
+    from urllib.parse import parse_qs, urlparse
+
+    limit = int(parse_qs(urlparse(url).query)["rdzv_timeout_s"][0])
+    env = os.environ
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    try:
+        store = dist.TCPStore(
+            addr,
+            port,
+            world,
+            is_master=rank == 0 and not agent_store,
+            timeout=timedelta(seconds=limit),
+            multi_tenant=True,
+            use_libuv=env.get("USE_LIBUV", "1") == "1",
+        )
+    except dist.DistError as e:
+        if "EADDRINUSE" in str(e):
+            raise
+        raise RuntimeError(
+            f"rendezvous at {addr}:{port} (rank {rank} of {world}): not every rank joined within "
+            f"train.rdzv_timeout_s={limit} s: {str(e).splitlines()[0]}"
+        ) from e
+    yield store, rank, world
+    raise RuntimeError("unable to perform re-rendezvous using mmt-env:// method")
 
 
 def _export(env: DistEnv) -> None:

@@ -59,7 +59,7 @@ def evaluate_checkpoint(
     import mmt
 
     t = cfg.train
-    env, device, created = D.setup_distributed(t.device, t.dist_backend, t.dist_timeout_s)
+    env, device, created = D.setup_distributed(t.device, t.dist_backend, t.dist_timeout_s, t.rdzv_timeout_s)
     try:
         tag_dir = find_checkpoint(checkpoint, t.run_dir)
         if tag_dir is None:

@@ -127,7 +127,7 @@ class Trainer:
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         self.env, self.device, self._created_pg = D.setup_distributed(
-            t.device, t.dist_backend, t.dist_timeout_s
+            t.device, t.dist_backend, t.dist_timeout_s, t.rdzv_timeout_s
         )
         self.rank, self.world = self.env.rank, self.env.world_size
         self._node_meter = NodeMeter(self.env)
@@ -426,9 +426,13 @@ class Trainer:
                     signame = ",".join(sorted({g for g in got if g})) or "unknown"
                     if self.rank == 0:
                         write_marker(self.run_dir, self.step, str(last_ckpt), signame)
+                        # Which ranks the signal itself reached: the flag is all-reduced, so every rank stops
+                        # either way, but a launcher that does not forward the signal to every node shows here.
+                        reached = sorted({self._hostnames[r] for r, g in enumerate(got) if g})
                         print(
-                            f"mmt: preempted ({signame}) at step {self.step}; checkpoint {last_ckpt}; exit "
-                            f"{PREEMPTED_EXIT_CODE}",
+                            f"mmt: preempted ({signame}) at step {self.step}; the signal reached "
+                            f"{sum(1 for g in got if g)} of {self.world} ranks (on {','.join(reached)}); "
+                            f"checkpoint {last_ckpt}; exit {PREEMPTED_EXIT_CODE}",
                             flush=True,
                         )
                         self.logger.set_tags({"mmt.preempted_at_step": str(self.step)})
