@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -54,8 +55,12 @@ def moto_server() -> Iterator[str]:
     """Run ``moto_server`` on a free port of 127.0.0.1 until the block ends; yield its endpoint URL."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # The server logs a line per request to stderr: into a file, never an undrained pipe (a full 64 KiB pipe
+    # blocks the logging thread while it holds the handler lock, and then every request thread: the server stops
+    # answering after ~900 requests, its connections left in CLOSE-WAIT).
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        _server_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        _server_command(port), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 30
@@ -65,7 +70,8 @@ def moto_server() -> Iterator[str]:
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}") from None
+                    log.seek(0)
+                    raise RuntimeError(f"moto_server exited: {log.read().decode()[-2000:]}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not answer on {endpoint} within 30 s") from None
                 time.sleep(0.1)
@@ -77,6 +83,7 @@ def moto_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @contextlib.contextmanager
