@@ -258,6 +258,30 @@ def test_partitioned_order_balances_uneven_shards():
     assert len(order) == 7 * 12 and len(set(order.tolist())) == len(order)  # 30 // 4 = 7 batches
 
 
+def test_order_quality_tells_partitioned_windows_from_a_full_permutation():
+    """The shuffle figures the README quotes: a global batch of the partitioned order with one-shard windows
+    draws from exactly P shards (one per partition), the full permutation from nearly all; same-shard pairs
+    sit at 1 / shards for the permutation; a sorted order correlates fully with storage and with itself."""
+    from mmt.data.indexed import partitioned_order
+    from mmt.data.order_quality import order_quality
+
+    counts = np.full(32, 96, dtype=np.int64)  # 96 = 12 per-partition batches of 8: no batch straddles shards
+    full = order_quality(counts, epoch_order(counts, 0, 0), epoch_order(counts, 0, 1), 64)
+    part = order_quality(
+        counts,
+        partitioned_order(counts, 0, 0, 8, 8, True, 1),
+        partitioned_order(counts, 0, 1, 8, 8, True, 1),
+        64,
+    )
+    assert full.distinct_shards_per_batch > 25 and part.distinct_shards_per_batch == 8.0
+    assert abs(full.same_shard_pair_rate - 1 / 32) < 0.005
+    assert part.same_shard_pair_rate == pytest.approx(8 * 8 * 7 / (64 * 63))  # 8 samples of each of 8 shards
+    assert abs(full.storage_correlation) < 0.05 and abs(full.epoch_correlation) < 0.05
+    ordered = np.arange(32 * 96, dtype=np.int64)
+    same = order_quality(counts, ordered, ordered, 64)
+    assert same.storage_correlation == pytest.approx(1.0) and same.epoch_correlation == pytest.approx(1.0)
+
+
 def test_resume_rejects_other_data(tmp_path, shards):
     cfg = data_config(tmp_path, train_urls=shards["urls"])
     state = build_train_loader(cfg, 0, 1, 8).state_dict()
