@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from mmt.tracking.runs_cli import main
-from tests.fixtures_mlflow import mlflow_server  # noqa: F401
 from tests.fixtures_train import BIN, run, write_config, write_shards
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,7 @@ def _train_two_runs(tmp: Path, urls: str, val_urls: str, experiment: str, uri: s
 
 
 @pytest.fixture(scope="module")
-def trained_all(mlflow_server, tmp_path_factory):  # noqa: F811 - the imported fixture
+def trained_all(mlflow_server, tmp_path_factory):
     """Both pairs of runs; the embedded-store pair and the server pair train at the same time (each run is a
     single process, so two use the 2 cores; sequential, start-up would dominate the wall time twice over)."""
     tmp = tmp_path_factory.mktemp("runs_train")
@@ -154,15 +153,3 @@ def test_best_trained_run_points_at_its_checkpoint(trained, capsys):
     assert Path(res["checkpoint_dir"]) == run_dir / "checkpoints"
     assert Path(res["latest_checkpoint"]) == run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert (Path(res["latest_checkpoint"]) / "mmt_meta.json").is_file()
-
-
-def test_default_store_is_the_training_default(monkeypatch, tmp_path):
-    """`mmt runs` without flags reads the store `mmt train` writes to by default."""
-    from mmt.tracking.mlflow_logger import default_tracking_uri as training_default
-    from mmt.tracking.runs import resolve_tracking_uri
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert resolve_tracking_uri() == training_default()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_tracking_uri() == training_default()

@@ -9,12 +9,11 @@ from mmt.tracking.runs import (
     MetricPoint,
     RunsError,
     default_metrics,
-    default_tracking_uri,
     metric_mode,
-    resolve_tracking_uri,
 )
 from mmt.tracking.runs_compare import MetricStats, differing_params
 from mmt.tracking.runs_plot import default_size, ema, parse_size
+from mmt.tracking.uri import default_tracking_uri, resolve_tracking_uri
 
 
 def _run(params: dict[str, str]) -> Run:

@@ -27,6 +27,7 @@ from typing import Any
 
 from mmt.config.secrets import tracking_credentials
 from mmt.tracking.logger import FAILED, FINISHED, TrackingError, describe_tracking_error
+from mmt.tracking.uri import resolve_tracking_uri
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -40,16 +41,6 @@ _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 def metric_name(name: str) -> str:
     """MLflow accepts only ``[A-Za-z0-9_-. :/]`` in names: ``recall@1`` becomes ``recall_at_1``."""
     return _BAD_NAME_CHARS.sub("_", name.replace("@", "_at_"))
-
-
-def default_tracking_uri(configured: str = "") -> str:
-    """``configured``, else ``$MLFLOW_TRACKING_URI``, else the embedded store ``sqlite:///<cwd>/mlflow.db``."""
-    if configured:
-        return configured
-    env = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -77,7 +68,7 @@ class MLflowLogger:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_credentials(default_tracking_uri(uri))  # user-info -> MLFLOW_TRACKING_* vars
+        self.uri = tracking_credentials(resolve_tracking_uri(uri))  # user-info -> MLFLOW_TRACKING_* vars
         self.client = MlflowClient(tracking_uri=self.uri)
         self.resumed = False
         try:

@@ -7,7 +7,6 @@ paginated; metric histories are fetched concurrently because against a server ea
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,16 +29,6 @@ _FETCH_THREADS = 8  # concurrent history requests; bounded so a server is not fl
 
 class RunsError(Exception):
     """A user-facing error of `mmt runs` (unknown run / experiment, bad filter, missing store)."""
-
-
-def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
-    """The store `mmt train` logs to when nothing else is configured: `sqlite:///<cwd>/mlflow.db`."""
-    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(flag: str | None = None) -> str:
-    """The `--tracking-uri` flag, else `MLFLOW_TRACKING_URI`, else the training default."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def open_client(uri: str) -> MlflowClient:

@@ -34,7 +34,6 @@ from mmt.tracking.runs import (
     metric_histories,
     metric_mode,
     open_client,
-    resolve_tracking_uri,
     search_runs,
 )
 from mmt.tracking.runs_compare import (
@@ -45,6 +44,7 @@ from mmt.tracking.runs_compare import (
     write_csv,
     write_json,
 )
+from mmt.tracking.uri import resolve_tracking_uri
 
 LIST_DEFAULT_METRIC_COLUMNS = 5  # `list` is one line per run: cap the default metric columns to stay readable
 

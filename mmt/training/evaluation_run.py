@@ -93,9 +93,9 @@ def evaluate_checkpoint(
             from mlflow.tracking import MlflowClient
 
             from mmt.config.secrets import tracking_credentials
-            from mmt.tracking.mlflow_logger import default_tracking_uri
+            from mmt.tracking.uri import resolve_tracking_uri
 
-            client = MlflowClient(tracking_credentials(default_tracking_uri(cfg.tracking.uri)))
+            client = MlflowClient(tracking_credentials(resolve_tracking_uri(cfg.tracking.uri)))
             for k, v in metrics.items():
                 if k.startswith("val/"):
                     client.log_metric(
