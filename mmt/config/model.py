@@ -8,6 +8,7 @@ while ``model.image.depth=12`` changes only the image tower.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from mmt.config.errors import ConfigError
@@ -158,28 +159,28 @@ class MultiModalConfig(ModelConfig):
     def modalities(self) -> list[str]:
         return [m for m in ("text", "image", "audio") if getattr(self, m) is not None]
 
+    def resolved(self, part: str = "") -> ModelConfig:
+        """The settings ``part`` is built with, every field decided: the tower's own non-None fields over the
+        shared ones. ``part``: '' (the shared settings: fusion), a tower name, or ``decoder`` (whose width is the
+        text tower's, the embedding it ties to). The one place tower inheritance is resolved (config checks and
+        the model builder both read it)."""
+        tower = getattr(self, part) if part else None
+        values = {}
+        for f in dataclasses.fields(ModelConfig):
+            own = getattr(tower, f.name, None)
+            values[f.name] = own if own is not None else getattr(self, f.name)
+        spec = ModelConfig(**values)
+        if part == "decoder" and self.text is not None:
+            spec.dim = self.resolved("text").dim
+        return spec
+
     def check(self, source: str, prefix: str) -> None:
         """Cross-field rules no single field can state; each error names the tower's key."""
-        parts: list[tuple[str, EncoderConfig | DecoderConfig | None]] = [("", None)]
-        parts += [(m, getattr(self, m)) for m in self.modalities()]
-        if self.decoder is not None:
-            parts.append(("decoder", self.decoder))
-        for name, tower in parts:
+        parts = ["", *self.modalities()] + (["decoder"] if self.decoder is not None else [])
+        for name in parts:
             key = f"{prefix}{name}." if name else prefix
-            dim = (
-                tower.dim if isinstance(tower, EncoderConfig) and tower.dim is not None else None
-            ) or self.dim
-            if name == "decoder" and self.text is not None and self.text.dim is not None:
-                dim = self.text.dim
-            heads = (
-                tower.num_heads if tower is not None and tower.num_heads is not None else None
-            ) or self.num_heads
-            attn = (
-                tower.attention if tower is not None and tower.attention is not None else None
-            ) or self.attention
-            positional = (
-                tower.positional if tower is not None and tower.positional else None
-            ) or self.positional
+            spec = self.resolved(name)
+            dim, heads, attn, positional = spec.dim, spec.num_heads, spec.attention, spec.positional
             if dim % heads:
                 raise ConfigError(source, f"{key}num_heads", f"{heads} heads do not divide the width {dim}")
             if positional == "rotary" and (dim // heads) % 2:

@@ -15,7 +15,6 @@ from mmt.model.encoders import AudioEncoder, ImageEncoder, TextEncoder
 from mmt.model.fusion import FusionOutput, build_fusion
 from mmt.model.heads import ContrastiveHead, VQAHead
 from mmt.model.pooling import build_pool
-from mmt.model.spec import resolve_spec
 from mmt.text import build_tokenizer
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
@@ -56,7 +55,7 @@ class MultiModalModel(nn.Module):
             raise ValueError(
                 "the model has no tower: set at least one of model.text / model.image / model.audio"
             )
-        self.specs = {m: resolve_spec(cfg, getattr(cfg, m)) for m in self.modalities}
+        self.specs = {m: cfg.resolved(m) for m in self.modalities}
         self.encoders = nn.ModuleDict(
             {m: ENCODERS[m](getattr(cfg, m), self.specs[m]) for m in self.modalities}
         )
@@ -73,7 +72,7 @@ class MultiModalModel(nn.Module):
 
         self.decoder: CaptionDecoder | None = None
         needs_fusion = cfg.heads.vqa_answers > 0 or cfg.decoder is not None
-        fusion_spec = resolve_spec(cfg)
+        fusion_spec = cfg.resolved()
         self.fusion = build_fusion(cfg.fusion, fusion_spec, self.modalities) if needs_fusion else None
         self.to_fusion = (
             nn.ModuleDict(
@@ -90,8 +89,7 @@ class MultiModalModel(nn.Module):
                     "model.decoder needs a text tower with input=raw (the decoder ties its embedding)"
                 )
             tok = build_tokenizer(cfg.text.tokenizer)
-            dec_spec = resolve_spec(cfg, cfg.decoder)
-            dec_spec.dim = self.specs["text"].dim
+            dec_spec = cfg.resolved("decoder")
             self.decoder = CaptionDecoder(
                 cfg.decoder, dec_spec, text.token_embedding, cfg.dim, tok.bos_id, tok.eos_id, tok.pad_id
             )
