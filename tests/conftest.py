@@ -9,6 +9,18 @@ from pathlib import Path
 
 import pytest
 
+# The shared fixtures (real DeepSpeed checkpoints, an MLflow server, moto S3, a local Slurm cluster, 2-rank training
+# runs, the installed wheel), available to every test module by name; each starts only when a test asks for it.
+pytest_plugins = [
+    "tests.fixtures_ckpt",
+    "tests.fixtures_foreign_ckpt",
+    "tests.fixtures_mlflow",
+    "tests.fixtures_s3",
+    "tests.fixtures_slurm",
+    "tests.fixtures_train",
+    "tests.fixtures_wheel",
+]
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -1,6 +1,6 @@
 """A real `mlflow server` for tests: sqlite backend and artifact folder in a tmp dir, 127.0.0.1, free port.
 
-Import it explicitly in a test module (`from tests.fixtures_mlflow import mlflow_server  # noqa: F401`).
+Registered in ``tests/conftest.py``: a test module asks for ``mlflow_server`` by name.
 The server is started once per test module: it takes several seconds to become healthy on 2 cores (its
 first start also migrates the sqlite schema). It runs in its own process group and is stopped with SIGINT to
 that group, which also stops the workers it spawns (SIGTERM to the parent alone leaves them running).

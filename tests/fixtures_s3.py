@@ -4,9 +4,7 @@
 ``AWS_ENDPOINT_URL``) for the session, so s3fs / boto / the aws CLI in this process and in processes started
 afterwards all talk to it. ``s3_bucket`` gives each test a fresh, empty bucket as ``s3://NAME``.
 
-Use in a test module::
-
-    from tests.fixtures_s3 import moto_s3, s3_bucket  # noqa: F401
+Registered in ``tests/conftest.py`` (``pytest_plugins``): a test asks for ``moto_s3`` / ``s3_bucket`` by name.
 
 Note: DataLoader workers started by a *forkserver* that was already running before the fixture set the
 variables do not see them (the forkserver keeps its own environment); use spawn workers there, or pass

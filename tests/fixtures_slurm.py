@@ -1,6 +1,6 @@
 """A real single-node Slurm cluster for tests, started by `slurm/local_cluster.sh` and stopped afterwards.
 
-Import it explicitly (`from tests.fixtures_slurm import slurm_cluster  # noqa: F401`). The script installs the
+Registered in ``tests/conftest.py``: a test asks for ``slurm_cluster`` by name. The script installs the
 Debian packages when they are missing (apt-get, as root), so a fresh machine needs nothing else. The cluster
 gets its own state folder and free ports, so it never touches another cluster on the machine; `SLURM_CONF`
 points the Slurm commands (and `mmt slurm`) at it for the session.

@@ -14,7 +14,7 @@ from mmt.ckpt.cli import main as ckpt_main
 from mmt.ckpt.convert import INDEX_FILE, SINGLE_FILE, convert_checkpoint
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.pretrained import create_pretrained, init_weights, load_pretrained
-from tests.fixtures_ckpt import SAVE_STEP, TINY, live_params, zero_run_fixture  # noqa: F401
+from tests.fixtures_ckpt import SAVE_STEP, TINY, live_params
 
 pytestmark = pytest.mark.dist
 

@@ -16,7 +16,7 @@ from mmt.ckpt.inspect import inspect_checkpoint
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.pretrained import load_pretrained
 from mmt.ckpt.resume import check_resumable
-from tests.fixtures_ckpt import REPO, SAVE_STEP, TINY, zero_run_fixture  # noqa: F401
+from tests.fixtures_ckpt import REPO, SAVE_STEP, TINY
 
 pytestmark = pytest.mark.dist
 TAG = f"step_{SAVE_STEP:08d}"

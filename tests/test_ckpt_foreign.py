@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from mmt.ckpt.cli import main as ckpt_main
-from tests.fixtures_foreign_ckpt import plain_ckpt_fixture  # noqa: F401
 
 pytestmark = pytest.mark.dist
 OPTIM1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"

@@ -16,15 +16,7 @@ from mmt.ckpt.cli import main as ckpt_main
 from mmt.ckpt.inspect import inspect_checkpoint
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.resume import check_resumable
-from tests.fixtures_ckpt import (
-    SAVE_STEP,
-    STEPS,
-    TINY,
-    live_params,
-    read_losses,
-    run_harness,
-    zero_run_fixture,  # noqa: F401
-)
+from tests.fixtures_ckpt import SAVE_STEP, STEPS, TINY, live_params, read_losses, run_harness
 
 pytestmark = pytest.mark.dist
 TAG = f"step_{SAVE_STEP:08d}"

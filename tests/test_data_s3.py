@@ -18,19 +18,18 @@ from mmt.data.synthetic import write_synthetic_shards
 from mmt.training.distributed import DistEnv
 from mmt.training.telemetry import NodeMeter
 from tests.fixtures_data import data_config, epoch_keys
-from tests.fixtures_s3 import moto_s3, s3_bucket  # noqa: F401
 
 N, PER_SHARD = 48, 12
 KEYS = [f"sample{i:06d}" for i in range(N)]
 
 
 @pytest.fixture
-def s3_shards(s3_bucket) -> dict:  # noqa: F811
+def s3_shards(s3_bucket) -> dict:
     manifest = write_synthetic_shards(f"{s3_bucket}/train/", N, PER_SHARD)
     return manifest
 
 
-def test_build_to_s3_writes_shards_sidecars_and_manifest(s3_shards, s3_bucket):  # noqa: F811
+def test_build_to_s3_writes_shards_sidecars_and_manifest(s3_shards, s3_bucket):
     assert s3_shards["urls"] == f"{s3_bucket}/train/shard-{{000000..000003}}.tar"
     fs, path = storage.filesystem(s3_bucket)
     names = sorted(os.path.basename(p) for p in fs.ls(path + "/train", refresh=True))
@@ -74,7 +73,7 @@ def test_workers_read_s3(tmp_path, s3_shards):
     assert sorted(keys) == KEYS
 
 
-def test_endpoint_from_config_key(tmp_path, s3_shards, moto_s3, monkeypatch):  # noqa: F811
+def test_endpoint_from_config_key(tmp_path, s3_shards, moto_s3, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     cfg = data_config(
         tmp_path, val_urls=s3_shards["urls"], train_urls=s3_shards["urls"], endpoint_url=moto_s3
@@ -89,7 +88,7 @@ def test_streaming_loader_from_s3(tmp_path, s3_shards):
     assert sorted(keys) == KEYS
 
 
-def test_missing_s3_shard_is_named(tmp_path, s3_shards, s3_bucket):  # noqa: F811
+def test_missing_s3_shard_is_named(tmp_path, s3_shards, s3_bucket):
     fs, path = storage.filesystem(s3_bucket)
     fs.rm(path + "/train/shard-000002.tar")
     cfg = data_config(tmp_path, train_urls=s3_shards["urls"])
@@ -97,7 +96,7 @@ def test_missing_s3_shard_is_named(tmp_path, s3_shards, s3_bucket):  # noqa: F81
         build_train_loader(cfg, 0, 1, 8)
 
 
-def test_cli_build_and_stats_on_s3(tmp_path, s3_bucket, capsys):  # noqa: F811
+def test_cli_build_and_stats_on_s3(tmp_path, s3_bucket, capsys):
     from PIL import Image
 
     folder = tmp_path / "in"
@@ -142,7 +141,7 @@ def test_cache_size_limit_with_shard_window(tmp_path, s3_shards):
 
 
 @pytest.fixture
-def s3_eight_shards(s3_bucket) -> dict:  # noqa: F811
+def s3_eight_shards(s3_bucket) -> dict:
     return write_synthetic_shards(f"{s3_bucket}/eight/", N, 6)
 
 

@@ -23,7 +23,6 @@ from mlflow.entities import Metric, Param, RunTag
 from PIL import Image
 
 from mmt.tracking.runs_cli import main
-from tests.fixtures_mlflow import mlflow_server  # noqa: F401
 
 T0 = 1_790_000_000_000  # fixed run start (ms since epoch) so wall-clock x values are known
 STEPS = 10

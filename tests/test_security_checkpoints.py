@@ -16,7 +16,7 @@ import mmt
 from mmt.ckpt.cli import main as ckpt_main
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.torchio import UntrustedCheckpointError, checkpoint_loading, load_pt
-from tests.fixtures_ckpt import SAVE_STEP, TINY, zero_run_fixture  # noqa: F401
+from tests.fixtures_ckpt import SAVE_STEP, TINY
 from tests.fixtures_train import _free_port, env_for_runs, mmt_single, write_config
 
 pytestmark = pytest.mark.dist

@@ -21,7 +21,7 @@ import pytest
 
 from mmt.slurm.cli import main as slurm_main
 from mmt.slurm.scontrol import wait_for_jobs
-from tests.fixtures_slurm import REPO, multinode_cluster, wait_for  # noqa: F401
+from tests.fixtures_slurm import REPO, wait_for
 from tests.fixtures_train import (
     BIN,
     consumed_keys,

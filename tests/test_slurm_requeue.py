@@ -17,7 +17,7 @@ import yaml
 
 from mmt.slurm.cli import main as slurm_main
 from mmt.slurm.scontrol import wait_for_jobs
-from tests.fixtures_slurm import REPO, slurm_cluster, wait_for  # noqa: F401
+from tests.fixtures_slurm import REPO, wait_for
 
 JOB_TIMEOUT_S = 90
 pytestmark = pytest.mark.usefixtures("slurm_cluster")

@@ -16,7 +16,7 @@ import yaml
 
 from mmt.slurm.cli import main as slurm_main
 from mmt.slurm.scontrol import wait_for_jobs
-from tests.fixtures_slurm import kill_rank, slurm_cluster, wait_for  # noqa: F401
+from tests.fixtures_slurm import kill_rank, wait_for
 from tests.fixtures_train import write_config, write_shards
 
 JOB_TIMEOUT_S = 240

@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mmt.training.preemption import PREEMPTED_EXIT_CODE, exited_due_to_preemption
-from tests.fixtures_train import (  # noqa: F401
+from tests.fixtures_train import (
     ACCUM_STEPS,
     EVAL_RUNS,
     EVAL_SAMPLES,
@@ -26,7 +26,6 @@ from tests.fixtures_train import (  # noqa: F401
     ZERO_STEPS,
     all_train_rows,
     consumed_keys,
-    dist_runs,
     eval_row,
     final_weights,
     global_keys,
@@ -41,7 +40,7 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def runs(dist_runs):  # noqa: F811
+def runs(dist_runs):
     return dist_runs
 
 

@@ -14,7 +14,6 @@ from mmt.data.cli import main as shards_main
 from mmt.data.loader import build_eval_loader, build_train_loader
 from tests.fixtures_data import data_config
 from tests.fixtures_train import eval_row, mmt_single, run, write_config
-from tests.fixtures_wheel import demo_run, wheel_install  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def _equal(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
 
 
-def test_datasets_yield_the_shard_decoders_samples(annotations, demo_run, tmp_path):  # noqa: F811
+def test_datasets_yield_the_shard_decoders_samples(annotations, demo_run, tmp_path):
     """The annotation demo and the shard demo (same seed) decode to identical samples, for each task."""
     info = json.loads((demo_run["data"] / "demo.json").read_text())
     for cls, task, extra in (

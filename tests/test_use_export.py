@@ -13,14 +13,13 @@ import mmt
 from mmt.export.cli import main as export_main
 from mmt.export.exporter import FP32_TOLERANCE, load_export
 from mmt.inference.digits import digit_zero_shot, held_out_digits, val_urls_of
-from tests.fixtures_wheel import demo_run, wheel_install  # noqa: F401
 
 # int8 dynamic quantization perturbs embeddings by ~1e-2 (measured): a few held-out digits may change class
 INT8_MAX_DROP = 0.05
 
 
 @pytest.fixture(scope="module")
-def eager(demo_run):  # noqa: F811
+def eager(demo_run):
     model, _ = mmt.create_model_and_transforms(demo_run["run_dir"])
     data = held_out_digits(val_urls_of(demo_run["run_dir"]))
 
@@ -31,7 +30,7 @@ def eager(demo_run):  # noqa: F811
     return model, encode, data
 
 
-def test_onnx_fp32_and_int8(demo_run, eager, tmp_path, capsys):  # noqa: F811
+def test_onnx_fp32_and_int8(demo_run, eager, tmp_path, capsys):
     model, encode, data = eager
     run = str(demo_run["run_dir"])
     assert export_main([run, str(tmp_path / "onnx"), "--format", "onnx"]) == 0
@@ -51,7 +50,7 @@ def test_onnx_fp32_and_int8(demo_run, eager, tmp_path, capsys):  # noqa: F811
     assert acc["eager"]["audio"] > 0.5, acc
 
 
-def test_torchscript_and_exported_program(demo_run, eager, tmp_path):  # noqa: F811
+def test_torchscript_and_exported_program(demo_run, eager, tmp_path):
     model, encode, data = eager
     run = str(demo_run["run_dir"])
     assert export_main([run, str(tmp_path / "ts"), "--format", "torchscript", "--towers", "audio,image"]) == 0
@@ -67,7 +66,7 @@ def test_torchscript_and_exported_program(demo_run, eager, tmp_path):  # noqa: F
     assert pre["data"]["image"]["mean"] == model.preprocess.data_cfg.image.mean
 
 
-def test_export_refuses_bad_requests(demo_run, tmp_path, capsys):  # noqa: F811
+def test_export_refuses_bad_requests(demo_run, tmp_path, capsys):
     run = str(demo_run["run_dir"])
     out = str(tmp_path / "x")
     assert export_main([run, out, "--format", "exported-program", "--quantize", "int8"]) == 2

@@ -22,25 +22,24 @@ from mmt.data.build.demo import TEMPLATES, WORDS
 from mmt.data.loader import build_eval_loader
 from mmt.data.shards import iter_tar_samples
 from mmt.inference.media import InputError
-from tests.fixtures_wheel import demo_run, wheel_install  # noqa: F401
 
 KEYS = ("text_inputs", "text_attention_mask", "image_features", "audio_features", "audio_attention_mask")
 
 
 @pytest.fixture(scope="module")
-def trained(demo_run):  # noqa: F811
+def trained(demo_run):
     model, preprocess = mmt.create_model_and_transforms(demo_run["run_dir"])
     return model, preprocess
 
 
-def _val_samples(demo_run) -> dict[str, dict]:  # noqa: F811
+def _val_samples(demo_run) -> dict[str, dict]:
     info = json.loads((demo_run["data"] / "demo.json").read_text())
     url = info["val_urls"]
     with open(url, "rb") as f:
         return {s["__key__"]: s for s in iter_tar_samples(f, url)}
 
 
-def test_raw_inputs_give_the_loaders_embeddings(demo_run, trained, tmp_path):  # noqa: F811
+def test_raw_inputs_give_the_loaders_embeddings(demo_run, trained, tmp_path):
     model, _ = trained
     cfg = load_config(
         demo_run["run_dir"] / "config.yaml", ["data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -89,7 +88,7 @@ def test_documents_example_runs_as_written(tmp_path, monkeypatch):
     assert tokens["text_inputs"].shape == (2, 25) and tokens["text_attention_mask"][1].sum() == 3
 
 
-def test_zero_shot_api_matches_training_evaluation(demo_run, trained):  # noqa: F811
+def test_zero_shot_api_matches_training_evaluation(demo_run, trained):
     """The API's prompt-ensembled classifier over the raw held-out files reproduces the logged val metric."""
     model, _ = trained
     templates = [t.replace("{word}", "{c}").replace("{d}", "{i}") for t in TEMPLATES]
@@ -113,7 +112,7 @@ def test_zero_shot_api_matches_training_evaluation(demo_run, trained):  # noqa: 
     assert ev["val/zero_shot_audio_top1"] > 0.5  # a short run already separates the tones
 
 
-def test_bad_inputs_are_one_line(demo_run, tmp_path):  # noqa: F811
+def test_bad_inputs_are_one_line(demo_run, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(InputError) as e:
         mmt.load_image(tmp_path / "broken.jpg")

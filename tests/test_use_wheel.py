@@ -6,7 +6,7 @@ import pytest
 
 import mmt
 from mmt.config import ConfigError
-from tests.fixtures_wheel import DEMO_STEPS, demo_run, wheel_install  # noqa: F401
+from tests.fixtures_wheel import DEMO_STEPS
 
 
 def test_named_configs_in_source_tree():
@@ -23,7 +23,7 @@ def test_named_configs_in_source_tree():
     )
 
 
-def test_wheel_has_configs_and_runs_demo(wheel_install, demo_run):  # noqa: F811
+def test_wheel_has_configs_and_runs_demo(wheel_install, demo_run):
     w = wheel_install
     code = (
         "import mmt, sys; print(mmt.__file__); print(mmt.list_models()); sys.exit(mmt.cli.main(sys.argv[1:]))"
