@@ -409,3 +409,68 @@ def test_shards_from_webdataset_shardwriter_and_plain_tar(tmp_path):
         for b in batches:
             assert b["image_present"].all() and b["text_present"].all() and not b["audio_present"].any()
             assert (b["audio_features"] == 0).all() and not b["audio_attention_mask"].any()
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()  # with end-of-archive zero blocks: the parser stops at them, as tarfile does
+
+
+def test_sample_ranges_split_without_tarfile_like_tarfile(shards):
+    """The reader's header parser (`split_plain`) gives tarfile's members for plain ustar ranges (mmt's, GNU tar's),
+    hands everything else to tarfile (PAX long names, links), and refuses what tarfile's path refuses."""
+    from mmt.data.shards import _split_with_tarfile
+    from mmt.data.tarindex import scan_file
+    from mmt.data.tarmembers import split_plain
+
+    path = str(shards["dir"] / "shard-000000.tar")
+    data = open(path, "rb").read()
+    for s in scan_file(path).samples:
+        members = split_plain(data[s.start : s.end], s.key, 2**20)
+        assert members == _split_with_tarfile(data[s.start : s.end], s.key, 2**20)
+        assert set(members) == {"jpg", "json", "txt", "wav"}
+    gnu = _tar_bytes([("k1.jpg", b"x" * 700), ("k1.txt", b"hi")], tarfile.GNU_FORMAT)
+    assert split_plain(gnu, "k1", 0) == {"jpg": b"x" * 700, "txt": b"hi"}
+    long_key = "d" * 120 + "/k2"
+    pax = _tar_bytes([(long_key + ".txt", b"a"), (long_key + ".json", b"{}")])
+    assert split_plain(pax, long_key, 0) is None  # PAX header: tarfile's turn
+    assert _split_with_tarfile(pax, long_key, 0) == {"txt": b"a", "json": b"{}"}
+    for members, key, problem in (
+        ([("../k3.txt", b"a")], "../k3", "absolute or '..' path"),
+        ([("k4.txt", b"a" * 100)], "k4", "more than data.max_member_mb"),
+        ([("k5.txt", b"a"), ("k6.txt", b"b")], "k5", "does not belong to sample 'k5'"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            split_plain(_tar_bytes(members), key, 50)
+    with pytest.raises(ValueError, match="runs past the indexed range"):
+        split_plain(gnu[:1000], "k1", 0)
+
+
+def test_wav_fast_path_equals_soundfile():
+    """Mono 16-bit PCM wav is decoded with numpy; the values are libsndfile's exactly, other audio goes to it."""
+    import soundfile as sf
+
+    from mmt.data import media
+
+    def reference(data: bytes) -> np.ndarray:
+        wav, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return wav.mean(axis=1).astype(np.float32)
+
+    pcm = np.array([-32768, -32767, -1, 0, 1, 12345, 32767], dtype=np.int16)
+    for channels, fmt, subtype, fast in (
+        (1, "WAV", "PCM_16", True),
+        (2, "WAV", "PCM_16", False),
+        (1, "WAV", "PCM_24", False),
+        (1, "FLAC", "PCM_16", False),
+    ):
+        buf = io.BytesIO()
+        sf.write(buf, np.stack([pcm] * channels, 1), 16000, format=fmt, subtype=subtype)
+        data = buf.getvalue()
+        assert (media._plain_pcm16_wav(data) is not None) == fast
+        wav, rate = media.decode_audio(data)
+        assert rate == 16000 and wav.dtype == np.float32 and np.array_equal(wav, reference(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image
@@ -94,12 +95,45 @@ def image_format_ext(data: bytes) -> str:
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """(mono float32 waveform in [-1, 1], sample rate) from wav / flac / ogg bytes."""
-    import soundfile as sf
+    plain = _plain_pcm16_wav(data)
+    if plain is not None:
+        wav, sr = plain
+    else:
+        import soundfile as sf
 
-    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1).astype(np.float32)
     if wav.shape[0] == 0:
         raise ValueError("audio has no samples")
-    return wav.mean(axis=1).astype(np.float32), int(sr)
+    return wav, int(sr)
+
+
+def _plain_pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """A mono 16-bit PCM wav (what the shard builder writes) decoded with numpy, else None (soundfile decodes).
+
+    Why: soundfile's open / read / close round trip through its virtual-file callbacks was ~80 us a sample, more
+    than the decoding itself; this is ~5 us. The values are libsndfile's exactly: ``int16 * 2**-15``.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt ":
+            if size < 16 or body + 16 > len(data):
+                return None
+            fmt = struct.unpack_from("<HHIIHH", data, body)
+        elif chunk == b"data":
+            if fmt is None or body + size > len(data) or size % 2:
+                return None
+            tag, channels, rate, _, align, bits = fmt
+            if tag != 1 or channels != 1 or bits != 16 or align != 2 or rate <= 0:
+                return None
+            pcm = np.frombuffer(data, dtype="<i2", count=size // 2, offset=body)
+            return pcm.astype(np.float32) * np.float32(2.0**-15), rate
+        pos = body + size + (size & 1)
+    return None
 
 
 def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:

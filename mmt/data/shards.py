@@ -6,8 +6,9 @@ the node-local cache first). A missing or unreadable shard is skipped and listed
 decides whether too many failed.
 
 `SampleReader` turns (shard, sample) into the sample's members: it seeks to the sample's byte range in the local
-file (or the cached copy of a remote shard) and parses just that range (a tar stream of its own) with the
-standard library's tar reader. Whole-shard iteration (`iter_tar_samples`) uses webdataset's tar iterator.
+file (or the cached copy of a remote shard), reads it with one call and splits it (a tar stream of its own) at
+its plain ustar headers (`mmt.data.tarmembers`), or with the standard library's tar reader when the range holds
+anything else. Whole-shard iteration (`iter_tar_samples`) uses webdataset's tar iterator.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mmt.data import storage
 from mmt.data.iostats import COUNTERS
 from mmt.data.schema import INDEX_SUFFIX, split_member
 from mmt.data.tarindex import ShardIndex, scan_file
+from mmt.data.tarmembers import split_plain
 from mmt.data.tarsafety import DEFAULT_MAX_MEMBER_BYTES, member_problem
 
 log = logging.getLogger(__name__)
@@ -332,23 +334,9 @@ class SampleReader:
             raise ValueError(
                 f"shard is shorter than its index ({len(data)} of {end - start} bytes at {start})"
             )
-        members: dict[str, bytes] = {}
-        # the range is a complete tar stream of this sample's members: the stdlib reader parses its headers
-        # (ustar, PAX, GNU long names) and the data is sliced out of the buffer without copying through files
-        for info in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
-            problem = member_problem(info, cap)  # the index may be a sidecar the shard's maker wrote
-            if problem is not None:
-                raise ValueError(problem)
-            if not info.isreg():
-                continue
-            parts = split_member(info.name)
-            if parts is None:
-                continue
-            if parts[0] != key:
-                raise ValueError(f"member {info.name!r} does not belong to sample {key!r}: stale index?")
-            if info.offset_data + info.size > len(data):
-                raise ValueError(f"member {info.name!r} runs past the indexed range: stale index?")
-            members[parts[1]] = data[info.offset_data : info.offset_data + info.size]
+        members = split_plain(data, key, cap)  # plain ustar headers (nearly every shard): no tarfile
+        if members is None:
+            members = _split_with_tarfile(data, key, cap)
         if not members:
             raise ValueError("no members at the indexed offset: stale index?")
         return key, members
@@ -357,6 +345,27 @@ class SampleReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _split_with_tarfile(data: bytes, key: str, cap: int) -> dict[str, bytes]:
+    """`split_plain`'s fallback: the range is a complete tar stream of the sample's members, parsed by the
+    standard library's reader (PAX, GNU long names, links ...); the data is sliced out of the buffer."""
+    members: dict[str, bytes] = {}
+    for info in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
+        problem = member_problem(info, cap)  # the index may be a sidecar the shard's maker wrote
+        if problem is not None:
+            raise ValueError(problem)
+        if not info.isreg():
+            continue
+        parts = split_member(info.name)
+        if parts is None:
+            continue
+        if parts[0] != key:
+            raise ValueError(f"member {info.name!r} does not belong to sample {key!r}: stale index?")
+        if info.offset_data + info.size > len(data):
+            raise ValueError(f"member {info.name!r} runs past the indexed range: stale index?")
+        members[parts[1]] = data[info.offset_data : info.offset_data + info.size]
+    return members
 
 
 def load_answer_vocab(url: str, settings: StorageSettings) -> list[str]:

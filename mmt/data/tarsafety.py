@@ -21,12 +21,27 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 def member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
     """Why the sample holding ``info`` must be skipped, or None when the member is an ordinary file."""
     name = info.name
-    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
-        return f"member {name!r} has an absolute or '..' path"
+    problem = name_problem(name)
+    if problem is not None:
+        return problem
     if info.issym() or info.islnk():
         return f"member {name!r} is a {'symlink' if info.issym() else 'hard link'} to {info.linkname!r}"
-    if info.isreg() and max_bytes > 0 and info.size > max_bytes:
-        return f"member {name!r} is {info.size:,} bytes, more than data.max_member_mb allows ({max_bytes:,})"
+    if info.isreg():
+        return size_problem(name, info.size, max_bytes)
+    return None
+
+
+def name_problem(name: str) -> str | None:
+    """An absolute or ``..`` member path (refused even though mmt never extracts members to disk)."""
+    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
+        return f"member {name!r} has an absolute or '..' path"
+    return None
+
+
+def size_problem(name: str, size: int, max_bytes: int) -> str | None:
+    """A regular member larger than ``max_bytes`` (0: no limit): never read into memory."""
+    if max_bytes > 0 and size > max_bytes:
+        return f"member {name!r} is {size:,} bytes, more than data.max_member_mb allows ({max_bytes:,})"
     return None
 
 
