@@ -25,6 +25,8 @@
 # No systemd: munged runs as the munge user, slurmctld, slurmd and sshd as root, all started here. Config,
 # state, logs and pid files live in MMT_SLURM_DIR (default /tmp/mmt-slurm); the system's /etc/slurm is not
 # touched. MMT_SLURMCTLD_PORT / MMT_SLURMD_PORT (default 6817 / 6818) let a second cluster run beside the first.
+# MMT_SLURMD_TIMEOUT / MMT_SLURM_MESSAGE_TIMEOUT (SlurmdTimeout, MessageTimeout; default 60 / 10 s): how soon a lost
+# node is declared DOWN (the tests use 10 / 5 s).
 # `stop` is idempotent and also cleans up after a crash (it finds the namespaces and links by their names).
 # Settings: SlurmUser/SlurmdUser root, munge auth, select/cons_tres with CR_CPU, proctrack/linuxproc, no
 # accounting, jobcomp/filetxt (so `sacct -c` works), short credential lifetime so requeued jobs restart in seconds.

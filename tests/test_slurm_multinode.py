@@ -222,7 +222,6 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
     name, steps = "lost", 18
     train = {"global_batch": 6, "max_steps": steps, "checkpoint_interval": 3, "keep_last": 0,
              "checkpoint_at_end": True, "dist_timeout_s": 60}  # fmt: skip
-    _start_reference(store, "ref6", **train)
     cfg = _config(store, name, **train)
     run_dir = store["tmp"] / "runs" / name
     started = time.monotonic()
@@ -232,6 +231,8 @@ def test_node_lost_then_back_3_to_2_to_3_nodes_resumes_exactly(store, request, m
     first = run_dir / "checkpoints" / "step_00000003" / "mmt_meta.json"
     wait_for(first.is_file, 180, "the first checkpoint on 3 nodes", poll=0.02)
     cluster.script("kill-node", "node3")  # slurmd, job step and rank of node3: SIGKILL
+    # The reference run uses the CPU while Slurm notices the lost node (the job only waits then).
+    _start_reference(store, "ref6", **train)
     wait_for(lambda: "world size changed from 3 to 2" in _log(run_dir), 150, "the restart on 2 nodes")
     cluster.script("revive-node", "node3")
     # One more checkpoint on 2 ranks, then the signal Slurm sends before the time limit (B:USR1), sent now.
