@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,16 @@ if TYPE_CHECKING:  # the tasks call the metric functions below
     from mmt.training.tasks import Task
 
 RECALL_KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to run an evaluation: where, in which dtype, how many batches per rank (0: all), caption length."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_batches: int = 0
+    caption_max_tokens: int = 24
 
 
 def uniform_batches(
@@ -64,7 +75,7 @@ def evaluate(
     was_training = engine.module.training
     engine.module.eval()
     try:
-        return task.evaluate(engine, loader, device, dtype, max_batches, caption_max_tokens)
+        return task.evaluate(engine, loader, EvalSettings(device, dtype, max_batches, caption_max_tokens))
     finally:
         engine.module.train(was_training)
 

@@ -17,7 +17,7 @@ import torch
 from mmt.config.model import MultiModalConfig
 from mmt.config.tasks import TASK_SPECS
 from mmt.config.train import TrainConfig
-from mmt.training.evaluate import captioning_metrics, retrieval_metrics, vqa_metrics
+from mmt.training.evaluate import EvalSettings, captioning_metrics, retrieval_metrics, vqa_metrics
 from mmt.training.inputs import FEATURE_KEY, MASK_KEY, model_inputs
 from mmt.training.losses import (
     caption_loss,
@@ -75,15 +75,7 @@ class Task:
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
         raise NotImplementedError
 
-    def evaluate(
-        self,
-        engine: Any,
-        loader: Iterable[dict[str, Any]],
-        device: torch.device,
-        dtype: torch.dtype,
-        max_batches: int,
-        caption_max_tokens: int,
-    ) -> dict[str, float]:
+    def evaluate(self, engine: Any, loader: Iterable[dict[str, Any]], how: EvalSettings) -> dict[str, float]:
         """``val/...`` metrics over ``loader`` (called by `mmt.training.evaluate.evaluate`, model in eval mode)."""
         raise NotImplementedError
 
@@ -123,16 +115,8 @@ class RetrievalTask(Task):
         metrics.update({f"loss_{k}": v for k, v in parts.items()})
         return StepResult(loss * world + _touch_outputs(out), metrics, present, kwargs)
 
-    def evaluate(
-        self,
-        engine: Any,
-        loader: Iterable[dict[str, Any]],
-        device: torch.device,
-        dtype: torch.dtype,
-        max_batches: int,
-        caption_max_tokens: int,
-    ) -> dict[str, float]:
-        return retrieval_metrics(engine, self, loader, device, dtype, max_batches)
+    def evaluate(self, engine: Any, loader: Iterable[dict[str, Any]], how: EvalSettings) -> dict[str, float]:
+        return retrieval_metrics(engine, self, loader, how.device, how.dtype, how.max_batches)
 
 
 class VQATask(Task):
@@ -158,16 +142,8 @@ class VQATask(Task):
         loss = vqa_loss(out.vqa_logits, targets)
         return StepResult(loss + _touch_outputs(out), {"loss": loss.detach()}, present, kwargs)
 
-    def evaluate(
-        self,
-        engine: Any,
-        loader: Iterable[dict[str, Any]],
-        device: torch.device,
-        dtype: torch.dtype,
-        max_batches: int,
-        caption_max_tokens: int,
-    ) -> dict[str, float]:
-        return vqa_metrics(engine, self, loader, device, dtype, max_batches)
+    def evaluate(self, engine: Any, loader: Iterable[dict[str, Any]], how: EvalSettings) -> dict[str, float]:
+        return vqa_metrics(engine, self, loader, how.device, how.dtype, how.max_batches)
 
 
 class CaptioningTask(Task):
@@ -206,16 +182,10 @@ class CaptioningTask(Task):
             loss + _touch_outputs(out), {"loss": loss.detach(), "nll": nll.detach()}, present, kwargs
         )
 
-    def evaluate(
-        self,
-        engine: Any,
-        loader: Iterable[dict[str, Any]],
-        device: torch.device,
-        dtype: torch.dtype,
-        max_batches: int,
-        caption_max_tokens: int,
-    ) -> dict[str, float]:
-        return captioning_metrics(engine, self, loader, device, dtype, max_batches, caption_max_tokens)
+    def evaluate(self, engine: Any, loader: Iterable[dict[str, Any]], how: EvalSettings) -> dict[str, float]:
+        return captioning_metrics(
+            engine, self, loader, how.device, how.dtype, how.max_batches, how.caption_max_tokens
+        )
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (RetrievalTask, VQATask, CaptioningTask)}
