@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
 
     received: list[str] = []
-    for name in train["preempt_signals"].split(","):
+    for name in train["preempt_signals"]:
         signal.signal(
             getattr(signal, name.strip()), lambda signum, frame: received.append(signal.Signals(signum).name)
         )

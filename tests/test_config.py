@@ -30,6 +30,19 @@ def test_defaults_include_and_overrides(tmp_path):
     assert cfg.model.audio is None
 
 
+def test_list_keys_take_lists_or_comma_strings(tmp_path):
+    """preempt_signals, tracking.tags and init_weights_only are lists; a comma string (command line or file) splits."""
+    run = _write(tmp_path / "run.yaml", "tracking: {tags: 'team=vision, ci=1'}\n")
+    cfg = load_config(run, ["train.preempt_signals=SIGTERM,USR1", "train.init_weights_only=[text,image]"])
+    assert cfg.train.preempt_signals == ["SIGTERM", "USR1"]
+    assert cfg.tracking.tags == ["team=vision", "ci=1"]
+    assert cfg.train.init_weights_only == ["text", "image"]
+    assert load_config(None, ["train.preempt_signals="]).train.preempt_signals == []
+    assert Config().train.preempt_signals == ["SIGTERM", "SIGUSR1"]
+    with pytest.raises(ConfigError, match="train.preempt_signals: unknown signal 'FOO'"):
+        load_config(None, ["train.preempt_signals=SIGTERM,FOO"])
+
+
 def test_round_trip(tmp_path):
     cfg = load_config(
         "configs/model/tiny_tri.yaml", ["attention.kind=sparse", "audio.depth=1"], schema=MultiModalConfig

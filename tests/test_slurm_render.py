@@ -171,7 +171,7 @@ def test_submit_writes_resolved_config_with_resume_and_signal(config, tmp_path, 
     assert saved["train"]["max_steps"] == 7
     assert saved["train"]["resume"] == "auto"
     assert saved["train"]["run_dir"] == str(tmp_path / "runs" / "big")
-    assert "SIGHUP" in saved["train"]["preempt_signals"].split(",")  # the ranks must handle the job's signal
+    assert "SIGHUP" in saved["train"]["preempt_signals"]  # the ranks must handle the job's signal
     assert saved["slurm"]["signal"] == "HUP"
     assert script == member.run_dir / "job.sbatch" and script.stat().st_mode & 0o111
 

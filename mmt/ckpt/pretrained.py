@@ -164,14 +164,13 @@ def create_pretrained(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
     return model
 
 
-def init_weights(model: nn.Module, path: str, only: str = "") -> LoadReport | None:
+def init_weights(model: nn.Module, path: str, only: Sequence[str] = ()) -> LoadReport | None:
     """Start a fresh run from converted weights: what ``train.init_weights`` / ``train.init_weights_only`` do.
 
-    ``path`` '' does nothing; ``only`` is a comma-separated list of towers or name prefixes ('' = every tensor,
-    strict). Call it on the freshly built model before ``deepspeed.initialize`` (and not when resuming: the
+    ``path`` '' does nothing; ``only`` lists towers or name prefixes (empty: every tensor, strict). Call it on the freshly built model before ``deepspeed.initialize`` (and not when resuming: the
     checkpoint's weights win).
     """
     if not path:
         return None
-    picked = [x.strip() for x in only.split(",") if x.strip()]
+    picked = [x.strip() for x in only if x.strip()]
     return load_pretrained(model, path, only=picked or None)

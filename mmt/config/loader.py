@@ -86,6 +86,24 @@ def _section_type(schema: type, name: str) -> type | None:
     return None
 
 
+def _comma_lists(data: Any, schema: type) -> Any:
+    """``data`` with a string given for a ``list[str]`` field split on commas: ``train.preempt_signals=SIGTERM,SIGUSR1``
+    on the command line (or in a file) means the list ``[SIGTERM, SIGUSR1]``."""
+    import typing
+
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
+        return data
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for key, value in data.items():
+        if typing.get_origin(hints.get(key)) is list and (value is None or isinstance(value, str)):
+            value = [x.strip() for x in (value or "").split(",") if x.strip()]  # ``key=`` is the empty list
+        elif isinstance(value, dict) and (sub := _section_type(schema, key)) is not None:
+            value = _comma_lists(value, sub)
+        out[key] = value
+    return out
+
+
 def _merge(base: DictConfig, data: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, data)
@@ -122,7 +140,7 @@ def load_config(
     file_source = str(path) if path is not None else "<defaults>"
     if path is not None:
         p = resolve_config(path, _KINDS.get(schema, ("model", "run")))
-        data = _expand_includes(read_config_file(p), schema, p.resolve().parent, str(p))
+        data = _comma_lists(_expand_includes(read_config_file(p), schema, p.resolve().parent, str(p)), schema)
         node = _merge(node, data, str(p))
         _to_object(node, str(p), schema)
     # Types are checked as each override merges; values and cross-field rules once all are in, so the order of
@@ -137,6 +155,7 @@ def load_config(
             dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as e:
             raise ConfigError(source, key, _short(e)) from None
+        dotted = _comma_lists(OmegaConf.to_container(dotted), schema)
         node = _merge(node, dotted, source)
         set_by.append((key, source))
     try:

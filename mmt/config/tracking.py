@@ -29,7 +29,9 @@ class TrackingConfig:
     log_system_metrics: bool = cfg_field(
         True, doc="log process memory (and GPU memory) with the step metrics"
     )
-    tags: str = cfg_field("", doc="extra run tags as comma-separated key=value pairs")
+    tags: list[str] = cfg_field(
+        default_factory=list, doc="extra run tags as key=value strings (a comma-separated string is accepted)"
+    )
     redact_keys: str = cfg_field(
         DEFAULT_SECRET_KEYS,
         doc="comma-separated glob patterns (case-insensitive) of key names whose values are secrets: shown as "

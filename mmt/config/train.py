@@ -150,9 +150,10 @@ class TrainConfig:
         doc="start a fresh run from consolidated weights (an `mmt ckpt convert` folder or a .safetensors file); "
         "strict names and shapes; ignored when resuming",
     )
-    init_weights_only: str = cfg_field(
-        "",
-        doc="comma-separated towers (text,image,audio) or name prefixes to take from init_weights ('': all)",
+    init_weights_only: list[str] = cfg_field(
+        default_factory=list,
+        doc="towers (text, image, audio) or name prefixes to take from init_weights ([]: all; a comma-separated "
+        "string is accepted)",
     )
     trust_checkpoint: bool = cfg_field(
         False,
@@ -161,8 +162,9 @@ class TrainConfig:
     )
 
     # Preemption: signals set a flag; at the next step boundary every rank saves and the run exits.
-    preempt_signals: str = cfg_field(
-        "SIGTERM,SIGUSR1", doc="comma-separated signals that trigger save-and-exit ('' disables)"
+    preempt_signals: list[str] = cfg_field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        doc="signals that trigger save-and-exit ([] disables; a comma-separated string is accepted)",
     )
 
     # Performance accounting and console.
@@ -199,7 +201,7 @@ class TrainConfig:
             raise ConfigError(source, f"{prefix}offload_optimizer", "needs train.zero_stage >= 1 (got 0)")
         import signal
 
-        for name in (x.strip().upper() for x in self.preempt_signals.split(",") if x.strip()):
+        for name in (x.strip().upper() for x in self.preempt_signals if x.strip()):
             if not hasattr(signal, name if name.startswith("SIG") else "SIG" + name):
                 raise ConfigError(source, f"{prefix}preempt_signals", f"unknown signal {name!r}")
         if self.max_steps == 0 and self.epochs == 0:

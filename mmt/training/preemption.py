@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure; the us
 PREEMPTED_MARKER = "preempted.json"
 
 
-def parse_signals(spec: str) -> list[signal.Signals]:
-    """``"SIGTERM,SIGUSR1"`` -> signal numbers; a clear ValueError for unknown names."""
+def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
+    """``["SIGTERM", "USR1"]`` -> signal numbers; a clear ValueError for unknown names."""
     out = []
-    for name in (s.strip().upper() for s in spec.split(",") if s.strip()):
+    for name in (s.strip().upper() for s in names if s.strip()):
         if not name.startswith("SIG"):
             name = "SIG" + name
         try:

@@ -241,7 +241,7 @@ def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, r
     if cfg.tracking.backend == "mlflow":
         from mmt.tracking.mlflow_logger import MLflowLogger
 
-        tags = dict(t.split("=", 1) for t in cfg.tracking.tags.split(",") if "=" in t)
+        tags = dict(t.split("=", 1) for t in cfg.tracking.tags if "=" in t)
         loggers.insert(
             0,
             MLflowLogger(
