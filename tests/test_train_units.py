@@ -365,9 +365,9 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_preemption_flag_and_marker(tmp_path):
-    assert parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
+    assert parse_signals(["SIGTERM", " usr1"]) == [signal.SIGTERM, signal.SIGUSR1]
     with pytest.raises(ValueError, match="SIGNOPE"):
-        parse_signals("SIGNOPE")
+        parse_signals(["SIGNOPE"])
     flag = PreemptionFlag([signal.SIGUSR1])
     try:
         assert not flag.should_stop(torch.device("cpu"))
