@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmt.ckpt.layout import META_FILE
+from mmt.ckpt.manager import complete_tags, find_checkpoint
 from mmt.config import ConfigError, load_config
 from mmt.config.train import ScheduleConfig, TrainConfig
 from mmt.training.batching import resolve_batch
-from mmt.training.checkpoint import META_FILE, complete_tags, find_checkpoint
 from mmt.training.engine import build_ds_config, merge_ds_config
 from mmt.training.losses import caption_loss, clip_pair_loss, vqa_loss
 from mmt.training.metrics import (

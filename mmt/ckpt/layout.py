@@ -62,6 +62,16 @@ def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def complete_meta(tag_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The meta of a complete checkpoint, else None (no or unreadable meta, or not marked complete): how the
+    trainer and `mmt eval` pick checkpoints, skipping interrupted saves. `read_meta` is the strict reader."""
+    try:
+        meta = read_meta(tag_dir)
+    except (CheckpointError, OSError):
+        return None
+    return meta if meta.get("complete") is True else None
+
+
 def read_latest(ckpt_root: str | os.PathLike, name: str = LATEST_FILE) -> str | None:
     path = Path(ckpt_root) / name
     if not path.is_file():

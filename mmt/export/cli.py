@@ -21,9 +21,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
 
+    from mmt.ckpt.layout import CheckpointError
     from mmt.config import ConfigError
     from mmt.export.exporter import ExportError, export_model
-    from mmt.training.checkpoint import CheckpointError
 
     towers = [t.strip() for t in args.towers.split(",") if t.strip()] or None
     try:

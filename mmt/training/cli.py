@@ -43,8 +43,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmt train: config error: {e}", file=sys.stderr)
         return 2
+    from mmt.ckpt.layout import CheckpointError
     from mmt.tracking.logger import TrackingError
-    from mmt.training.checkpoint import CheckpointError
     from mmt.training.trainer import train
 
     try:
@@ -95,7 +95,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmt eval: config error: {e}", file=sys.stderr)
         return 2
-    from mmt.training.checkpoint import CheckpointError
+    from mmt.ckpt.layout import CheckpointError
     from mmt.training.evaluation_run import evaluate_checkpoint
 
     try:

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
+from mmt.ckpt.layout import CheckpointError, complete_meta
+from mmt.ckpt.manager import find_checkpoint
 from mmt.ckpt.torchio import check_files, checkpoint_loading, load_pt
 from mmt.config import Config
 from mmt.precision import torch_dtype
 from mmt.training import distributed as D
-from mmt.training.checkpoint import CheckpointError, find_checkpoint, read_meta
 from mmt.training.engine import eval_ds_config, initialize
 from mmt.training.evaluate import evaluate
 from mmt.training.tasks import build_task
@@ -27,7 +28,7 @@ from mmt.training.tasks import build_task
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint folder written by `CheckpointManager` (run it inside
     `checkpoint_loading`: DeepSpeed's reader unpickles the files itself)."""
-    meta = read_meta(tag_dir)
+    meta = complete_meta(tag_dir)
     if meta is None:
         raise CheckpointError(
             f"{tag_dir}: not a complete mmt checkpoint (no mmt_meta.json with complete: true)"
@@ -64,7 +65,7 @@ def evaluate_checkpoint(
         tag_dir = find_checkpoint(checkpoint, t.run_dir)
         if tag_dir is None:
             raise CheckpointError(f"{checkpoint}: no complete checkpoint")
-        meta = read_meta(tag_dir) or {}
+        meta = complete_meta(tag_dir) or {}
         model = mmt.create_model(cfg.model)
         with checkpoint_loading(trust_checkpoint or t.trust_checkpoint):
             weights = consolidated_state_dict(tag_dir)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
+from mmt.ckpt.layout import complete_meta
+from mmt.ckpt.manager import CheckpointManager, find_checkpoint
 from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
@@ -30,7 +32,6 @@ from mmt.precision import torch_dtype
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
 from mmt.training import distributed as D
 from mmt.training.batching import BatchPlan, resolve_batch
-from mmt.training.checkpoint import CheckpointManager, find_checkpoint, read_meta
 from mmt.training.engine import initialize_for_training, resolve_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
@@ -158,7 +159,7 @@ class Trainer:
             tag_dir = find_checkpoint(t.resume, self.run_dir)
         tag_dir = D.broadcast_object(str(tag_dir) if tag_dir else None)
         self.resume_dir = Path(tag_dir) if tag_dir else None
-        resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
+        resume_meta = complete_meta(self.resume_dir) if self.resume_dir else None
         self.resume_plan = None
         if self.resume_dir is not None:
             # Same world size: DeepSpeed's files load as saved; another world size: rank 0 converts them to a

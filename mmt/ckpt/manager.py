@@ -1,4 +1,5 @@
-"""Checkpoints in mmt's layout, written through DeepSpeed's sharded ``save_checkpoint``.
+"""The checkpoint manager: saves in mmt's layout (`mmt.ckpt.layout`) through DeepSpeed's sharded ``save_checkpoint``,
+and finds the checkpoint a run resumes from.
 
 Layout under ``<run_dir>/checkpoints/``::
 
@@ -12,29 +13,28 @@ A save that dies half-way leaves a tag folder without ``mmt_meta.json``: never p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from mmt.atomic import atomic_write_text
-from mmt.ckpt.layout import CheckpointError, step_of_tag, tag_for_step  # shared with mmt ckpt
-from mmt.training.distributed import barrier
+import torch.distributed as dist
 
-CHECKPOINTS_DIR = "checkpoints"
-META_FILE = "mmt_meta.json"
-LATEST_FILE = "latest"
+from mmt.ckpt.layout import (
+    CHECKPOINTS_DIR,
+    META_FILE,
+    CheckpointError,
+    complete_meta,
+    step_of_tag,
+    tag_for_step,
+    write_latest,
+    write_meta,
+)
 
 
-def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The meta dict of a complete checkpoint, else None (missing, unreadable, or not marked complete)."""
-    p = Path(tag_dir) / META_FILE
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def complete_tags(root: str | os.PathLike) -> list[tuple[int, str]]:
@@ -45,7 +45,7 @@ def complete_tags(root: str | os.PathLike) -> list[tuple[int, str]]:
     out = []
     for d in root.iterdir():
         step = step_of_tag(d.name)
-        if step is not None and d.is_dir() and read_meta(d) is not None:
+        if step is not None and d.is_dir() and complete_meta(d) is not None:
             out.append((step, d.name))
     return sorted(out)
 
@@ -66,7 +66,7 @@ def find_checkpoint(spec: str, run_dir: str | os.PathLike) -> Path | None:
     if not p.exists():
         raise CheckpointError(f"{spec}: no such checkpoint file or directory")
     if (p / META_FILE).exists():
-        if read_meta(p) is None:
+        if complete_meta(p) is None:
             raise CheckpointError(f"{p / META_FILE}: checkpoint is not complete (its save did not finish)")
         return p
     root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
@@ -90,26 +90,22 @@ class CheckpointManager:
         """Collective: every rank must call it. Returns the tag folder."""
         tag = tag_for_step(step)
         tag_dir = self.root / tag
-        already = read_meta(tag_dir) is not None
-        barrier()
+        already = complete_meta(tag_dir) is not None
+        _barrier()
         if already:
             # Same step saved before (e.g. preempted right after a resume): that state is this state.
             return tag_dir
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             (tag_dir / META_FILE).unlink(missing_ok=True)
-        barrier()
+        _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        barrier()  # every rank's shard is on disk before the checkpoint is declared complete
+        _barrier()  # every rank's shard is on disk before the checkpoint is declared complete
         if self.rank == 0:
-            atomic_write_text(
-                tag_dir / META_FILE,
-                json.dumps({**meta, "tag": tag, "complete": True}, indent=2, sort_keys=True, default=str)
-                + "\n",
-            )
-            atomic_write_text(self.root / LATEST_FILE, tag + "\n")
+            write_meta(tag_dir, {**meta, "tag": tag, "complete": True})
+            write_latest(self.root, tag)
             self._prune(keep=tag)
-        barrier()
+        _barrier()
         return tag_dir
 
     def _prune(self, keep: str) -> None:
@@ -121,7 +117,7 @@ class CheckpointManager:
         # Interrupted saves older than the newest complete one can never be resumed from.
         for d in self.root.iterdir():
             s = step_of_tag(d.name)
-            if s is not None and d.is_dir() and s < newest and read_meta(d) is None:
+            if s is not None and d.is_dir() and s < newest and complete_meta(d) is None:
                 doomed.append(d.name)
         for t in doomed:
             shutil.rmtree(self.root / t, ignore_errors=True)
