@@ -31,19 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(tmp: Path, model_cfg: str, n: int) -> dict:
-    from mmt.config import load_config
+    """One real loader batch of ``n`` synthetic tri-modal samples for ``model_cfg``, and the run config."""
+    from mmt.config import Config
+    from mmt.config.loader import load_config
+    from mmt.config.model import MultiModalConfig
     from mmt.data.loader import build_train_loader
-    from tests.fixtures_train import write_config, write_shards
+    from mmt.data.synthetic import write_synthetic_shards
 
-    urls = write_shards(tmp / "data", n, per_shard=n)
-    cfg = load_config(
-        write_config(tmp / "bench.yaml", train_urls=urls, run_dir=tmp / "run", train={"global_batch": n})
-    )
-    if model_cfg != str(ROOT / "configs/model/tiny_tri.yaml"):
-        from mmt.config.loader import load_config as load
-        from mmt.config.model import MultiModalConfig
-
-        cfg.model = load(model_cfg, schema=MultiModalConfig)
+    cfg = Config()
+    cfg.model = load_config(model_cfg, schema=MultiModalConfig)
+    cfg.data.train_urls = write_synthetic_shards(str(tmp / "data"), n, per_shard=n)["urls"]
+    cfg.data.num_workers, cfg.data.cache_dir = 0, str(tmp / "cache")
+    cfg.train.run_dir, cfg.train.global_batch = str(tmp / "run"), n
+    cfg.tracking.backend = "none"
     return next(iter(build_train_loader(cfg, 0, 1, n))), cfg
 
 
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import mmt
@@ -187,7 +186,6 @@ def _free_port() -> int:
 def _main_ranks(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    sys.path.insert(0, str(ROOT))
     import torch.multiprocessing as mp
 
     if args.batch % args.ranks:
