@@ -22,8 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from mmt.ckpt.layout import CHECKPOINTS_DIR, tag_for_step, write_latest, write_meta
+from mmt.config.train import OptimizerConfig, TrainConfig
 from mmt.precision import torch_dtype
-from mmt.training.engine import initialize
+from mmt.training.batching import BatchPlan
+from mmt.training.engine import build_ds_config, initialize
 
 
 class ToyModel(nn.Module):
@@ -140,22 +142,25 @@ def compute_loss(
 
 
 def ds_config(args: argparse.Namespace, world: int, load_universal: bool) -> dict[str, Any]:
-    return {
-        "train_batch_size": args.global_batch,
-        "train_micro_batch_size_per_gpu": args.global_batch // world,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.01, "torch_adam": True}},
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": args.lr, "warmup_num_steps": 3},
-        },
-        "zero_optimization": {"stage": args.zero_stage},
-        "bf16": {"enabled": args.dtype == "bf16"},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
+    """The trainer's generated DeepSpeed config for these settings, plus DeepSpeed's own warmup schedule (its
+    state is part of the checkpoint) and the universal-load switch."""
+    train = TrainConfig(
+        global_batch=args.global_batch,
+        micro_batch=args.global_batch // world,
+        grad_accum=1,
+        zero_stage=args.zero_stage,
+        precision=args.dtype,
+        grad_clip=1.0,
+        optimizer=OptimizerConfig(lr=args.lr, weight_decay=0.01),
+    )
+    plan = BatchPlan(args.global_batch, args.global_batch // world, 1, world)
+    conf = build_ds_config(train, plan, torch.device("cpu"))
+    conf["scheduler"] = {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": args.lr, "warmup_num_steps": 3},
     }
+    conf["checkpoint"] = {"load_universal": load_universal}
+    return conf
 
 
 def rng_state() -> dict[str, Any]:

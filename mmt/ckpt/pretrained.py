@@ -167,7 +167,8 @@ def create_pretrained(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
 def init_weights(model: nn.Module, path: str, only: Sequence[str] = ()) -> LoadReport | None:
     """Start a fresh run from converted weights: what ``train.init_weights`` / ``train.init_weights_only`` do.
 
-    ``path`` '' does nothing; ``only`` lists towers or name prefixes (empty: every tensor, strict). Call it on the freshly built model before ``deepspeed.initialize`` (and not when resuming: the
+    ``path`` '' does nothing; ``only`` lists towers or name prefixes (empty: every tensor, strict). Call it on
+    the freshly built model before ``deepspeed.initialize`` (and not when resuming: the
     checkpoint's weights win).
     """
     if not path:
