@@ -101,6 +101,8 @@ def test_ds_config_is_generated_from_train_config():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
     # on CPU, torch's AdamW: no JIT-compiled DeepSpeed optimizer op
     assert ds["optimizer"]["params"]["torch_adam"] is True
+    # ... in its fused form (no whole-size temporaries on ZeRO's flat partition)
+    assert ds["optimizer"]["params"]["fused"] is True
     t16 = TrainConfig(precision="fp16", loss_scale=0, initial_scale_power=12)
     ds16 = build_ds_config(t16, resolve_batch(t16, 1), torch.device("cpu"))
     assert ds16["fp16"] == {

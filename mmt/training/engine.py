@@ -100,13 +100,17 @@ def initialize_for_training(
 ) -> Any:
     """The engine of a training run: AdamW's two parameter groups (no decay on norms, biases, embeddings) and,
     with ``total_steps``, mmt's warmup + cosine schedule (None: DeepSpeed keeps the lr constant)."""
+    from mmt.training.engine_tuning import skip_single_rank_allreduce
+
     scheduler = make_scheduler_factory(train.schedule, total_steps) if total_steps is not None else None
-    return initialize(
+    engine = initialize(
         model,
         ds_config,
         model_parameters=param_groups(model, train.optimizer.weight_decay),
         lr_scheduler=scheduler,
     )
+    skip_single_rank_allreduce(engine)
+    return engine
 
 
 def build_ds_config(train: TrainConfig, plan: BatchPlan, device: torch.device) -> dict[str, Any]:
@@ -122,6 +126,10 @@ def build_ds_config(train: TrainConfig, plan: BatchPlan, device: torch.device) -
     if cpu or (opt.torch_adam and not train.offload_optimizer):
         # DeepSpeed's fused / cpu_adam ops are JIT-compiled (1-2 min per fresh machine) and bring nothing on CPU.
         adamw_params["torch_adam"] = True
+        # torch's fused AdamW: one multi-threaded kernel per tensor, no temporaries. Its single-tensor default
+        # allocates ~6 whole-size temporaries per step; on ZeRO-1/2's one flat partition (500 MB for 124M
+        # params) that was 1.7 s of a 5 s CPU step (page faults of fresh allocations), fused 0.17 s.
+        adamw_params["fused"] = True
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not cpu}

@@ -84,8 +84,9 @@ def model_inputs(
             if mask is not None:
                 mask = mask.to(device, non_blocking=True).bool()
                 p = p & mask.any(dim=-1)
-                if not bool(p.all()):
-                    mask = mask | ~p[:, None]  # absent rows: attend over the zeros rather than over nothing
+                # Absent rows attend over the zeros rather than over nothing. Applied unconditionally (a no-op
+                # when every row is present): testing ``p.all()`` first would sync the host every step.
+                mask = mask | ~p[:, None]
         kwargs[FEATURE_KEY[m]] = x
         if mask is not None:
             kwargs[MASK_KEY[m]] = mask
@@ -95,14 +96,16 @@ def model_inputs(
 
 def count_tokens(
     kwargs: dict[str, torch.Tensor], present: dict[str, torch.Tensor], tokens_per_sample: dict[str, int]
-) -> int:
-    """Model tokens of the present rows: real text tokens, plus each present image / clip's token count."""
-    total = 0
+) -> torch.Tensor | int:
+    """Model tokens of the present rows: real text tokens, plus each present image / clip's token count.
+
+    A 0-d tensor on the batch's device (no ``.item()``: the trainer sums it and reads it once per log line)."""
+    total: torch.Tensor | int = 0
     for m, p in present.items():
         if m == "text" and MASK_KEY[m] in kwargs:
-            total += int(kwargs[MASK_KEY[m]][p].sum().item())
+            total = total + (kwargs[MASK_KEY[m]].bool() & p[:, None]).sum()
         else:
-            total += int(p.sum().item()) * tokens_per_sample.get(m, 0)
+            total = total + p.sum() * tokens_per_sample.get(m, 0)
     return total
 
 

@@ -51,25 +51,30 @@ class DataWaitClock:
 
 
 class StepMeter:
-    """Sums of step metrics between two log lines; reduced over ranks only when a line is logged."""
+    """Sums of step metrics between two log lines; reduced over ranks only when a line is logged.
+
+    The sums stay tensors on the step's device until `reduce`: a ``float()`` per metric and step would make the
+    host wait for the device every step (on CUDA it drains the queue the next step's kernels should fill).
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
-        self.tokens = 0
+        self.tokens: torch.Tensor | int = 0
         self.samples = 0
         self.data = DataWaitClock()
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def reduce(self, device: torch.device) -> tuple[dict[str, float], int, float]:
         keys = sorted(set().union(*D.gather_objects(sorted(self.sums))))
         vec = torch.tensor(
-            [self.sums.get(k, 0.0) for k in keys]
+            [float(self.sums.get(k, 0.0)) for k in keys]  # the one host sync per logged line
             + [float(self.counts.get(k, 0)) for k in keys]
             + [self.data.wait_s, self.data.step_s, float(self.tokens)],
             dtype=torch.float64,
