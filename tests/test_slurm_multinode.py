@@ -194,6 +194,26 @@ def test_launch_scripts_across_nodes_deepspeed_pdsh_no_ssh_and_torchrun(store, r
         _assert_losses_match(_losses(client, mlrun), _reference(store, "ref8"))
 
 
+def test_each_node_has_its_own_default_data_cache(multinode_cluster):
+    """The nodes share this machine's /tmp, as nodes with a networked temp dir would: the default node-local
+    shard cache is still one folder per node, so no cache is written by two nodes at once."""
+    code = "from mmt.data.shards import default_cache_dir; print(default_cache_dir())"
+    dirs = {}
+    for node in ("node1", "node2", "node3"):
+        proc = multinode_cluster.on_node(
+            node,
+            ["env", "-u", "MMT_DATA_CACHE", f"PYTHONPATH={REPO}", str(BIN / "python"), "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        dirs[node] = out.strip().splitlines()[-1]
+    assert len(set(dirs.values())) == 3, dirs
+    assert all(d.endswith(f"-{node}") for node, d in dirs.items()), dirs
+
+
 def _global_batches(run_dir: Path, history: list[list]) -> dict[int, list[str]]:
     """Step -> the keys of its global batch as finally trained: at step s only ranks below the world size the
     run had at s count (their last record of s wins: steps replayed after a lost node were trained again)."""

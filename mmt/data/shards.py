@@ -47,10 +47,17 @@ def iter_tar_samples(stream: io.IOBase, url: str) -> Iterator[dict[str, Any]]:
 
 
 def default_cache_dir() -> str:
+    """``$MMT_DATA_CACHE``, else a per-user, per-host folder in the temp dir.
+
+    The host name is part of the default so that nodes whose temp dir is shared (a networked /tmp, or the local
+    multi-node cluster's namespaces on one machine) still each fill their own cache: the cache cap and the
+    per-node fetch counts are per node, and no cache is ever written by two nodes at once.
+    """
+    import socket
     import tempfile
 
     return os.environ.get("MMT_DATA_CACHE") or os.path.join(
-        tempfile.gettempdir(), f"mmt-data-cache-{os.getuid()}"
+        tempfile.gettempdir(), f"mmt-data-cache-{os.getuid()}-{socket.gethostname()}"
     )
 
 
