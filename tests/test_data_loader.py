@@ -244,6 +244,9 @@ def test_partitioned_order_refuses_world_sizes_and_batches(tmp_path, shards):
     state = build_train_loader(cfg, 0, 1, 12).state_dict()
     with pytest.raises(Exception, match="partitions was 6, now 0"):
         build_train_loader(data_config(tmp_path, train_urls=shards["urls"]), 0, 1, 12).load_state_dict(state)
+    # G/P samples of each partition per batch: another global batch is another sequence, never silently resumed
+    with pytest.raises(DataError, match="saved with global batch 12, now 24: with data.partitions=6"):
+        build_train_loader(cfg, 0, 1, 24).load_state_dict(state)
 
 
 def test_partitioned_order_balances_uneven_shards():

@@ -530,6 +530,13 @@ class IndexedLoader:
                     f"now {mine[name]!r} (same data.train_urls, data.seed, data.shuffle, data.shard_window, "
                     "data.partitions needed)"
                 )
+        if state["global_batch"] != s.global_batch and s.partitions:
+            # the partitioned order interleaves G/P samples of each partition: another G is another sequence
+            raise DataError(
+                f"the checkpoint's data loader state was saved with global batch {state['global_batch']}, now "
+                f"{s.global_batch}: with data.partitions={s.partitions} the sample order depends on the global "
+                "batch (G/P samples of each partition per batch), so resume with the same train.global_batch"
+            )
         if state["global_batch"] != s.global_batch:
             log.warning(
                 "resuming with global batch %d (saved with %d): the sample sequence continues, batches regroup",
