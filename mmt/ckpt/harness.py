@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmt.ckpt.client_state import ClientState
 from mmt.ckpt.layout import CHECKPOINTS_DIR, tag_for_step, write_latest, write_meta
 from mmt.config.train import OptimizerConfig, TrainConfig
 from mmt.precision import torch_dtype
@@ -200,14 +201,10 @@ def save(
     tag = tag_for_step(step)
     states: list[Any] = [None] * world
     dist.all_gather_object(states, rng_state())
-    client = {
-        "step": step,
-        "samples_seen": step * args.global_batch,
-        "dataloader": {"epoch": 0, "samples_consumed": step * args.global_batch},
-        "rng_states": states,
-        "mlflow_run_id": None,
-    }
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    client = ClientState(
+        step=step, samples_seen=step * args.global_batch, rng_states=states, world_size=world
+    )
+    engine.save_checkpoint(str(root), tag=tag, client_state=client.to_client_state(), save_latest=False)
     live = live_state_dict(engine, args.zero_stage) if args.dump_live else None
     dist.barrier()
     if rank == 0:
@@ -274,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
 
     step = 0
     if plan is not None:
-        from mmt.ckpt.resume import load_for_resume, rank_rng_state
+        from mmt.ckpt.resume import load_for_resume
         from mmt.ckpt.torchio import checkpoint_loading
 
         with checkpoint_loading(False):  # like the trainer: DeepSpeed's own loads go through the allow-list
-            client = load_for_resume(engine, plan)
-        step = int(client["step"])
-        state = rank_rng_state(client, rank)
+            client = ClientState.from_client_state(load_for_resume(engine, plan))
+        step = int(client.step)
+        state = client.rank_rng(rank)
         if state is not None:
             set_rng_state(state)
         else:  # a rank the saved run did not have: a fresh stream derived from the seed, step and rank

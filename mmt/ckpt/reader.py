@@ -98,7 +98,8 @@ def _partition_numel(numel: int, world: int) -> int:
 def written_by_mmt(model_state: dict[str, Any], root: Path) -> bool:
     """Whether a tag folder without ``mmt_meta.json`` is an interrupted mmt save rather than another program's.
 
-    mmt's trainer puts its client state under ``mmt`` (the test harness: ``rng_states`` + ``mlflow_run_id``), and
+    mmt's trainer and checkpoint harness put their client state under ``mmt`` (older harness checkpoints: flat
+    ``rng_states`` + ``mlflow_run_id``), and
     a run's other tags carry ``mmt_meta.json``; a plain DeepSpeed checkpoint has neither.
     """
     if isinstance(model_state.get("mmt"), dict) or {"rng_states", "mlflow_run_id"} <= set(model_state):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmt.ckpt.client_state import ClientState, raw_record
 from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.modelcheck import diff_dicts
 from mmt.ckpt.torchio import check_files, load_pt
@@ -169,24 +170,15 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
 
 
 def mmt_client_state(client_state: dict[str, Any]) -> dict[str, Any]:
-    """mmt's part of DeepSpeed's client state (the trainer nests it under ``"mmt"``)."""
-    inner = client_state.get("mmt")
-    return inner if isinstance(inner, dict) else client_state
+    """mmt's part of DeepSpeed's client state as a plain dict (see `mmt.ckpt.client_state.ClientState`)."""
+    return raw_record(client_state)
 
 
-def rank_rng_state(client_state: dict[str, Any], rank: int, key: str = "rng_states") -> Any | None:
+def rank_rng_state(client_state: dict[str, Any], rank: int) -> Any | None:
     """This rank's saved RNG state, or None when the saved run had fewer ranks (seed that rank afresh)."""
-    states = mmt_client_state(client_state).get(key) or []
-    return states[rank] if rank < len(states) else None
+    return ClientState.from_client_state(client_state).rank_rng(rank)
 
 
-def rank_loader_state(client_state: dict[str, Any], rank: int, key: str = "loader_states") -> Any | None:
-    """The data-loader state for ``rank`` on the new world size.
-
-    mmt's indexed loader saves the same world-size-independent position on every rank (epoch, samples consumed
-    of the global order), so any saved entry serves any new rank; a rank beyond the saved ones gets rank 0's.
-    """
-    states = mmt_client_state(client_state).get(key) or []
-    if not states:
-        return None
-    return states[rank] if rank < len(states) else states[0]
+def rank_loader_state(client_state: dict[str, Any], rank: int) -> Any | None:
+    """The data-loader state for ``rank`` on the new world size (`ClientState.rank_loader`)."""
+    return ClientState.from_client_state(client_state).rank_loader(rank)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
+from mmt.ckpt.client_state import ClientState
 from mmt.ckpt.layout import complete_meta
 from mmt.ckpt.manager import CheckpointManager, find_checkpoint
 from mmt.ckpt.torchio import checkpoint_loading
@@ -222,20 +223,20 @@ class Trainer:
             self._log_run_start()
 
     def _restore(self, plan: Any) -> None:
-        from mmt.ckpt.resume import load_for_resume, mmt_client_state, rank_loader_state, rank_rng_state
+        from mmt.ckpt.resume import load_for_resume
         from mmt.training.resume import drop_converted
 
         with checkpoint_loading(self.cfg.train.trust_checkpoint):  # DeepSpeed unpickles the files itself
             client = load_for_resume(self.engine, plan)
         drop_converted(plan, self.rank)
-        state = mmt_client_state(client)
-        self.step = int(state["step"])
-        self.samples_seen = int(state["samples_seen"])
-        self.world_sizes = [list(x) for x in state.get("world_sizes") or [[0, plan.saved_world_size, ""]]]
-        loader_state = rank_loader_state(client, self.rank)
+        state = ClientState.from_client_state(client)
+        self.step = int(state.step)
+        self.samples_seen = int(state.samples_seen)
+        self.world_sizes = [list(x) for x in state.world_sizes or [[0, plan.saved_world_size, ""]]]
+        loader_state = state.rank_loader(self.rank)
         if loader_state is not None:
             self.train_loader.load_state_dict(loader_state)
-        rng = rank_rng_state(client, self.rank)
+        rng = state.rank_rng(self.rank)
         if rng is not None and plan.saved_world_size == self.world:
             restore_rng(rng)
         else:  # a rank the saved run did not have (or a different layout): a fresh, reproducible stream
@@ -369,17 +370,15 @@ class Trainer:
         rng = D.gather_objects(capture_rng())
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         loader_states = D.gather_objects(loader_state)
-        client = {
-            "mmt": {
-                "step": self.step,
-                "samples_seen": self.samples_seen,
-                "loader_states": loader_states,
-                "rng_states": rng,
-                "mlflow_run_id": self.run_id,
-                "world_size": self.world,
-                "world_sizes": self.world_sizes,
-            }
-        }
+        client = ClientState(
+            step=self.step,
+            samples_seen=self.samples_seen,
+            rng_states=rng,
+            loader_states=loader_states,
+            mlflow_run_id=self.run_id,
+            world_size=self.world,
+            world_sizes=self.world_sizes,
+        ).to_client_state()
         meta = {
             "step": self.step,
             "samples_seen": self.samples_seen,
