@@ -364,6 +364,20 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         find_checkpoint(str(tmp_path / "nope"), tmp_path)
 
 
+def test_client_state_round_trips_and_picks_per_rank_states():
+    from mmt.ckpt.client_state import ClientState
+
+    saved = ClientState(step=5, samples_seen=40, rng_states=["r0", "r1"], loader_states=[{"e": 1}, {"e": 1}])
+    client = saved.to_client_state()
+    assert set(client) == {"mmt"}  # nested: DeepSpeed's own keys stay apart
+    back = ClientState.from_client_state(client)
+    assert back == saved
+    assert back.rank_rng(1) == "r1" and back.rank_rng(2) is None  # a rank the saved run did not have
+    assert back.rank_loader(3) == {"e": 1}  # world-size independent loader position: rank 0's serves
+    flat = ClientState.from_client_state({"step": 2, "samples_seen": 16, "rng_states": ["x"], "other": 1})
+    assert (flat.step, flat.rank_rng(0), flat.rank_loader(0)) == (2, "x", None)
+
+
 # ---------------------------------------------------------------------------------------------------- preemption
 
 
