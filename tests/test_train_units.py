@@ -393,6 +393,15 @@ def test_preemption_flag_and_marker(tmp_path):
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    # After a complete preemption save a rank shuts down shielded: srun's SIGTERM must not cut that short.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        PreemptionFlag([signal.SIGUSR1]).shield()
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored, or this test process would be gone
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     assert exited_due_to_preemption(PREEMPTED_EXIT_CODE) and not exited_due_to_preemption(1, tmp_path)
     write_marker(tmp_path, 7, "ckpt", "SIGTERM")
     assert exited_due_to_preemption(1, tmp_path)  # torchrun turns the code into 1; the marker remains

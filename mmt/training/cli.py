@@ -65,6 +65,9 @@ def train_main(argv: list[str] | None = None) -> int:
             + (f"; eval {json.dumps(summary)}" if summary else ""),
             flush=True,
         )
+    elif result.preempted and _is_rank0():
+        # Printed after the MLflow run was closed: the shutdown ran to its end (not cut by a launcher's SIGTERM).
+        print(f"mmt: preemption shutdown complete; exit {result.exit_code}", flush=True)
     return result.exit_code
 
 

@@ -60,6 +60,19 @@ class PreemptionFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def shield(self) -> None:
+        """After a complete preemption save: ignore SIGTERM, SIGHUP and the preemption signals from now until the
+        process exits, so the rest of an orderly shutdown (closing the MLflow run with its queued metrics, the
+        last log lines, exit code 75) always happens.
+
+        Why: under ``srun --kill-on-bad-exit=1`` the first rank to exit with `PREEMPTED_EXIT_CODE` makes srun
+        SIGTERM the others, which are by then only shutting down. A rank that crashes for real still brings the
+        job down: the others are then still training, not shielded, and die on that SIGTERM.
+        """
+        for sig in {*self._previous, signal.SIGTERM, signal.SIGHUP}:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
 
 def write_marker(run_dir: str | Path, step: int, checkpoint: str, signal_name: str) -> Path:
     from mmt.atomic import atomic_write_text

@@ -526,12 +526,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         status = FAILED
+        preempted = False
         # Installed first: a SIGTERM during the (slow) setup is honoured at the first step boundary.
         self._preempt = PreemptionFlag(parse_signals(self.cfg.train.preempt_signals))
         try:
             self._setup()
             result = self._loop()
-            status = KILLED if result.preempted else FINISHED
+            preempted = result.preempted
+            status = KILLED if preempted else FINISHED
             if self.rank == 0 and not result.preempted:
                 self._write_final(result)
             return result
@@ -539,7 +541,12 @@ class Trainer:
             status = KILLED
             raise
         finally:
-            self._preempt.restore()
+            if preempted:
+                # The checkpoint is complete and every rank is leaving: a launcher's SIGTERM (srun kills the other
+                # ranks when the first exits with 75) must not cut the rest of this shutdown short.
+                self._preempt.shield()
+            else:
+                self._preempt.restore()
             with suppress(Exception):
                 self.logger.close(status)
             close = getattr(getattr(self, "train_loader", None), "close", None)
