@@ -1,11 +1,16 @@
-"""A wheel install carries the shipped configs: names resolve, and `mmt demo` runs from an empty folder."""
+"""A wheel install carries the shipped configs and the sbatch template: names resolve, `mmt demo` runs and
+`mmt slurm submit --dry-run` renders a job from an empty folder."""
 
 from __future__ import annotations
+
+import zipfile
+from pathlib import Path
 
 import pytest
 
 import mmt
 from mmt.config import ConfigError
+from mmt.slurm.job import DEFAULT_TEMPLATE
 from tests.fixtures_wheel import DEMO_STEPS
 
 
@@ -40,3 +45,19 @@ def test_wheel_has_configs_and_runs_demo(wheel_install, demo_run):
     assert demo_run["final"]["step"] == DEMO_STEPS
     assert "held-out" in demo_run["output"]
     assert (demo_run["data"] / "demo.json").is_file()
+
+
+def test_wheel_ships_the_sbatch_template(wheel_install):
+    # One file: the documented slurm/job.sbatch.tmpl is a link to the package's template.
+    repo_copy = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.tmpl"
+    assert repo_copy.resolve() == DEFAULT_TEMPLATE.resolve() and DEFAULT_TEMPLATE.is_file()
+    w = wheel_install
+    (wheel,) = (w.root / "dist").glob("mmt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("mmt/slurm/job.sbatch.tmpl") == DEFAULT_TEMPLATE.read_bytes()
+    # Rendering needs no repository and writes nothing with --dry-run.
+    out = w.run(
+        "mmt", "slurm", "submit", "demo", "--dry-run", "--gpus-per-node", "0", "--ntasks-per-node", "2"
+    )
+    assert out.stdout.startswith("#!/bin/bash") and "srun --kill-on-bad-exit" in out.stdout, out.stdout[:2000]
+    assert "-m mmt.cli train" in out.stdout and not list(w.empty.rglob("job.sbatch"))

@@ -56,7 +56,11 @@ def _submit_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2,...",
         help="job array: one run per value (repeat for a grid)",
     )
-    s.add_argument("--template", default=None, help="sbatch template (default: slurm/job.sbatch.tmpl)")
+    s.add_argument(
+        "--template",
+        default=None,
+        help="sbatch template (default: the one shipped in mmt, slurm/job.sbatch.tmpl in the repository)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     return s
 

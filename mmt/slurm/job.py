@@ -18,7 +18,7 @@ from pathlib import Path
 from mmt.config import Config, ConfigError, load_config
 from mmt.slurm.template import render
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
+DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("job.sbatch.tmpl")  # package data; slurm/ links to it
 CONFIG_NAME = "config.yaml"
 ENV_NAME = "job.env"
 
