@@ -22,6 +22,7 @@ from mmt.config.errors import ConfigError
 from mmt.config.model import MultiModalConfig
 from mmt.config.named import resolve_config
 from mmt.config.root import Config
+from mmt.config.secrets import redact_override
 from mmt.config.validate import validate
 
 T = TypeVar("T")
@@ -147,7 +148,7 @@ def load_config(
     # overrides never matters. An error then names the override that set the offending key, else the file.
     set_by: list[tuple[str, str]] = []
     for item in overrides:
-        source = f"command-line override {item!r}"
+        source = f"command-line override {redact_override(item)!r}"
         if "=" not in item:
             raise ConfigError(source, item, "expected key=value")
         key, value = item.split("=", 1)
@@ -155,6 +156,8 @@ def load_config(
             dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as e:
             raise ConfigError(source, key, _short(e)) from None
+        except yaml.YAMLError as e:  # the value is not YAML (an unclosed bracket or quote)
+            raise ConfigError(source, key, f"cannot parse the value: {_one_line(e)}") from None
         dotted = _comma_lists(OmegaConf.to_container(dotted), schema)
         node = _merge(node, dotted, source)
         set_by.append((key, source))

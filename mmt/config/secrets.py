@@ -63,6 +63,38 @@ def redact_text(text: str, patterns: tuple[str, ...]) -> str:
     return _PAIR.sub(pair, redact_url(text)) if patterns else redact_url(text)
 
 
+# A quoted value inside an error message: 'value' or "value" (OmegaConf's "Value 'x' could not be converted")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def redact_error_text(text: str, key: str = "") -> str:
+    """An error message about ``key`` that is safe to print: URL user-info and secret ``KEY=value`` pairs
+    redacted (default ``tracking.redact_keys``: an error comes before the config it is about is known), and, when
+    ``key`` itself is secret, every quoted value and everything after its ``key=`` too (the message may echo the
+    value it refused)."""
+    patterns = secret_patterns(DEFAULT_SECRET_KEYS)
+    text = redact_text(text, patterns)
+    if key and is_secret_key(key, patterns):
+        # Names stay readable ("Key 'password' not in 'TrackingConfig'"): a part of the key or a config class.
+        names = set(str(key).split("."))
+
+        def quoted(m: re.Match) -> str:
+            inner = m.group(0)[1:-1]
+            keep = len(inner) < 2 or inner in names or re.fullmatch(r"[A-Z][A-Za-z]*Config", inner)
+            return m.group(0) if keep else f"{m.group(0)[0]}{REDACTED}{m.group(0)[0]}"
+
+        text = _QUOTED.sub(quoted, text)
+    return text
+
+
+def redact_override(item: str) -> str:
+    """``slurm.env.HF_TOKEN=hf_x y`` -> ``slurm.env.HF_TOKEN=***``: a command-line override as an error shows it."""
+    key, sep, _ = item.partition("=")
+    if sep and is_secret_key(key.strip(), secret_patterns(DEFAULT_SECRET_KEYS)):
+        return f"{key}={REDACTED}"
+    return item
+
+
 def redact(obj: Any, patterns: tuple[str, ...], key: str = "") -> Any:
     """A copy of ``obj`` (dicts, lists, scalars) with secret-keyed values and URL user-info replaced."""
     if key and is_secret_key(key, patterns) and obj not in (None, "", {}, []):
