@@ -148,3 +148,33 @@ def test_slurm_submit_keeps_secrets_in_the_0600_env_file(tmp_path, monkeypatch, 
         check=True,
     ).stdout.split()
     assert shown == [AWS_SECRET, TAG_TOKEN, PASSWORD]
+
+
+def test_errors_never_show_a_secret_value(tmp_path, capsys):
+    """A refused value for a secret-named key, URL user-info in a bad value or a shard URL: one line, exit 2,
+    `***` in the secret's place."""
+    from mmt.cli import error_line, main
+    from mmt.config.named import CONFIG_DIR
+    from mmt.data.faults import DataError
+
+    demo = str(CONFIG_DIR / "train" / "demo.yaml")
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(yaml.safe_dump({"train": {"max_steps": f"s3://AKIA:{AWS_SECRET}@bucket/x"}}))
+    for argv, culprit in (
+        (["model", "tiny_tri", f"model.api_key={AWS_SECRET} x"], "model.api_key=***"),
+        (
+            ["slurm", "submit", demo, f"slurm.env.HF_TOKEN=[{TAG_TOKEN}", "--dry-run"],
+            "slurm.env.HF_TOKEN=***",
+        ),
+        (["train", demo, f"train.max_steps=http://{ADMIN}:{PASSWORD}@host/x"], "http://***@host/x"),
+        (["slurm", "submit", str(bad_file), "--dry-run"], "train.max_steps: Value 's3://***@bucket/x'"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and culprit in err, err
+        assert not [s for s in SECRETS if s in err], err
+    # A shard URL with S3 credentials in it, as a data error names it.
+    line = error_line(
+        "train", "data error", DataError(f"s3://AKIA:{AWS_SECRET}@bucket/a.tar: shard not found")
+    )
+    assert line == "mmt train: data error: s3://***@bucket/a.tar: shard not found"
