@@ -138,6 +138,7 @@ def test_resume_same_world_size_with_workers(tmp_path, shards):
     full, tensors = [], []
     for r in range(2):
         loader = build_train_loader(cfg, r, 2, 8)
+        assert loader._started is not None  # workers already decoding (IndexedLoader.start); used below
         batches = list(loader)
         full.append([b["keys"] for b in batches])
         tensors.append(batches[5]["image_features"])
@@ -147,7 +148,7 @@ def test_resume_same_world_size_with_workers(tmp_path, shards):
         state = first.state_dict()
         assert state["samples_consumed"] == 5 * 8 and state["epoch"] == 0
         resumed = build_train_loader(cfg, r, 2, 8)
-        resumed.load_state_dict(state)
+        resumed.load_state_dict(state)  # after start(): its batches from position 0 are discarded
         resumed.set_epoch(0)  # the trainer may call this: it keeps the resumed position
         tail = list(resumed)
         assert head + [b["keys"] for b in tail] == full[r]

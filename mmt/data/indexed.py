@@ -392,6 +392,18 @@ class IndexedLoader:
         self._loader = DataLoader(
             dataset, batch_sampler=sampler, collate_fn=IOCollate(collate), **workers.dataloader_kwargs()
         )
+        self._started: tuple[int, int, Any] | None = None  # (epoch, start, DataLoader iterator) of `start`
+
+    def start(self) -> None:
+        """Start the workers and their first batches now, from the current position, instead of at the first
+        ``next``: a trainer that calls this before building its model and engine does not wait for the workers'
+        start-up (measured: ~2 s of the demo's first 10 steps, 60 % of their time). Moving the position before
+        iterating (`load_state_dict`, `set_epoch`) discards those batches; the workers stay up. Not with the
+        read-ahead of remote shards (it plans each epoch's fetches when the epoch starts)."""
+        if self._loader.num_workers == 0 or self.cache is not None or self._started is not None:
+            return
+        with torch.random.fork_rng(devices=[]):  # creating the iterator draws from the global torch RNG
+            self._started = (self.sampler.epoch, self.sampler.start, iter(self._loader))
 
     @property
     def epoch(self) -> int:
@@ -447,8 +459,12 @@ class IndexedLoader:
         step = self.sampler.global_batch if isinstance(self.sampler, GlobalBatchSampler) else 0
         epoch = self.sampler.epoch
         readahead = self._start_readahead()
+        started, self._started = self._started, None
+        batches = self._loader
+        if started is not None and started[:2] == (epoch, self.sampler.start):
+            batches = started[2]
         try:
-            for batch, failures, io in self._loader:
+            for batch, failures, io in batches:
                 if io is not None:
                     self.io.merge(io)
                 self.tracker.record(len(batch["keys"]) if batch is not None else 0, failures)

@@ -223,7 +223,8 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
     ``global_batch`` is the number of samples per optimizer step over all ranks (must divide by
     ``world_size``); each rank's batches hold ``global_batch // world_size`` samples (fewer only where samples
     were unreadable). ``data.loader`` picks the exact-resume indexed loader (default) or the webdataset
-    streaming one. The returned loader has ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``.
+    streaming one. The returned loader has ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``; an
+    indexed loader with workers has started them on its first batches already (`IndexedLoader.start`).
     """
     if global_batch % world_size:
         raise ConfigError(
@@ -289,6 +290,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, global_batch: in
         dataset, sampler, collate, worker_settings(cfg), _tracker(cfg), catalog.failures, cache
     )
     _check_cache_size(cfg, loader, cache)
+    loader.start()  # workers decode the first batches while the caller sets up its model
     return loader
 
 
