@@ -165,3 +165,13 @@ def test_slurm_wait_without_slurm_names_the_missing_command(capsys, monkeypatch,
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol anywhere
     rc, _, err = _run(["slurm", "wait", "123", "--timeout", "1"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "scontrol" in err, err
+
+
+def test_the_dispatcher_knows_every_listed_error_class():
+    """A moved or renamed error class would silently become a traceback again: each entry must resolve."""
+    import importlib
+
+    from mmt.cli import ERRORS
+
+    for module, cls, _ in ERRORS:
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), (module, cls)
