@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,13 +553,18 @@ class Trainer:
             if callable(close):
                 with suppress(Exception):
                     close()
-            if status != FAILED:
-                D.teardown_distributed(getattr(self, "_created_pg", False))
-            elif getattr(self, "_created_pg", False):
-                # After a failure peers may be gone: no barrier, just release the group.
+            # The engine holds the process groups, and its ZeRO optimizer is kept alive by the gradient hooks it
+            # left on the parameters (a cycle through autograd that Python's collector cannot see): release it
+            # with DeepSpeed's `destroy` first, so the teardown frees the groups and joins their threads before
+            # the interpreter shuts down (see `destroy_process_groups`).
+            engine, self.engine = getattr(self, "engine", None), None
+            if engine is not None:
                 with suppress(Exception):
-                    torch.distributed.destroy_process_group()
-                D._reset_deepspeed_comm()
+                    engine.destroy()
+                del engine
+            # After a failure peers may be gone: no barrier, just release the groups.
+            with suppress(Exception) if status == FAILED else nullcontext():
+                D.teardown_distributed(getattr(self, "_created_pg", False), sync=status != FAILED)
 
     def _write_final(self, result: TrainResult) -> None:
         final = {
