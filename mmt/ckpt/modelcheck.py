@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mmt.ckpt.layout import META_FILE, CheckpointError
 
@@ -55,16 +56,38 @@ def _model_config(model: dict[str, Any]) -> Any:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MultiModalConfig), model))
 
 
+class _SkipFills(TorchFunctionMode):
+    """Skips weight init's random and constant fills (``torch.nn.init.*``, ``Tensor.normal_`` ...): only shapes are
+    read, and unfilled CPU tensors take address space but no memory."""
+
+    _FILLS = frozenset(
+        getattr(torch.Tensor, n)
+        for n in ("normal_", "uniform_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_")
+        + ("bernoulli_", "fill_", "zero_")
+    )
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in self._FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def expected_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of the model a config builds, without allocating its weights (meta device)."""
+    """Tensor shapes of the model a config builds, without filling (or touching the memory of) its weights.
+
+    Built on CPU with the init fills skipped: ~30 ms for the base model. The meta device would avoid even the
+    address space, but torch's meta kernels import ``torch._dynamo`` on first use (1.3-2.5 s here, longer than
+    converting the base model), so it is only the fallback when the address space is refused.
+    """
     import mmt
 
     cfg = _model_config(model_cfg)
     try:
+        with _SkipFills():
+            model = mmt.create_model(cfg)
+    except (RuntimeError, MemoryError):  # strict overcommit refused the untouched allocations: sizes only
         with torch.device("meta"):
             model = mmt.create_model(cfg)
-    except Exception:  # a module that computes a buffer from data at init: build it for real (tiny cost)
-        model = mmt.create_model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
