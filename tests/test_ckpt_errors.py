@@ -143,3 +143,20 @@ def test_zero3_on_another_world_size_is_refused(zero_run):
         check_resumable(run, world_size=2, zero_stage=2)
     plan = check_resumable(run, world_size=2, zero_stage=3)
     assert not plan.load_universal and plan.step == SAVE_STEP and plan.tag == TAG
+
+
+def test_shape_check_matches_the_model_of_every_config():
+    """The shape check's CPU build with init fills skipped gives exactly the shapes of the model itself, for
+    every model config shipped (the model on the meta device)."""
+    import torch
+
+    from mmt.ckpt.modelcheck import expected_shapes
+    from mmt.config import to_dict
+    from mmt.model.factory import load_model_config
+
+    for f in sorted((REPO / "configs" / "model").glob("*.yaml")):
+        cfg = load_model_config(f)
+        shapes = expected_shapes(to_dict(cfg))
+        with torch.device("meta"):
+            built = mmt.create_model(cfg).state_dict()
+        assert shapes == {k: tuple(v.shape) for k, v in built.items()}, f.name
