@@ -1,7 +1,7 @@
 """`mmt train` across nodes: a real 3-node Slurm cluster on this machine (one network namespace per node).
 
 One cluster (with sshd on every node) and one MLflow store serve the module. Covered: `mmt slurm submit` over 2
-nodes in srun mode (1 rank per node) and torchrun mode (2 ranks per node); the deepspeed launcher over 2 nodes
+nodes in srun mode and torchrun mode, each with 1 and 2 ranks per node; the deepspeed launcher over 2 nodes
 through `launch/deepspeed_multinode.sh`, with pdsh over ssh and with `--no-ssh` (one launcher per node); and one
 job that loses a node (3 -> 2 nodes), is preempted by its time-limit signal and grows back (2 -> 3). Every run is
 compared with one uninterrupted single-process run of the same global batch: same losses (the ZeRO parity test's
@@ -121,18 +121,21 @@ def _assert_losses_match(got: dict[int, float], ref_dir: Path) -> None:
         assert got[s] == pytest.approx(ref[s], rel=LOSS_REL), s
 
 
+MODES = (("srun", 1), ("srun", 2), ("torchrun", 1), ("torchrun", 2))
+
+
 def test_two_node_jobs_in_srun_and_torchrun_mode_match_one_node(store, monkeypatch):
-    """srun: 2 nodes x 1 rank; torchrun: 2 nodes x 2 ranks (c10d rendezvous on node1). Global batch 8 both."""
+    """srun and torchrun (c10d rendezvous on node1) modes, 2 nodes x 1 and x 2 ranks each. Global batch 8 in all."""
     _start_reference(store, "ref8")
     jobs = {}
-    for launch, per_node in (("srun", 1), ("torchrun", 2)):
+    for launch, per_node in MODES:
         cfg = _config(store, f"{launch}{per_node}")
-        jobs[launch] = _submit(
+        jobs[(launch, per_node)] = _submit(
             store, cfg, "--nodes", "2", "--ntasks-per-node", str(per_node), "--launch", launch,
             monkeypatch=monkeypatch,
         )  # fmt: skip
     ref = _reference(store, "ref8")
-    for (launch, job), per_node in zip(jobs.items(), (1, 2)):
+    for (launch, per_node), job in jobs.items():
         name = f"{launch}{per_node}"
         (info,) = wait_for_jobs(job, JOB_TIMEOUT_S)
         log = _log(store["tmp"] / "runs" / name)
