@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -78,13 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    return run_command(name, getattr(importlib.import_module(module), func), rest)
+
+
+def run_command(command: str, func: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run one subcommand; mmt's own errors become `error_line` and exit code 2, anything else a traceback.
+
+    Entry points that bypass the dispatcher (``python -m mmt.train`` under torchrun / the deepspeed launcher) call
+    this too, so every way of starting a command reports errors alike."""
     try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return int(func(argv) or 0)
     except Exception as e:
         kind = error_kind(e)
         if kind is None:
             raise
-        print(error_line(name, kind, e), file=sys.stderr, flush=True)
+        print(error_line(command, kind, e), file=sys.stderr, flush=True)
         return 2
 
 

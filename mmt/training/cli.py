@@ -12,7 +12,7 @@ import json
 import sys
 
 from mmt.cliargs import ArgumentParser
-from mmt.config import ConfigError, load_config
+from mmt.config import load_config
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -36,28 +36,18 @@ def _split_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Train; exit code 0 when done, `PREEMPTED_EXIT_CODE` after a preemption save, 2 for a config error."""
+    """Train; exit code 0 when done, `PREEMPTED_EXIT_CODE` after a preemption save, 2 for bad input (one line)."""
+    from mmt.cli import run_command
+
+    return run_command("train", _train, sys.argv[1:] if argv is None else argv)
+
+
+def _train(argv: list[str]) -> int:
     args, extra = _parser("mmt train", "Train a multimodal model.").parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, _split_overrides(args, extra))
-    except ConfigError as e:
-        print(f"mmt train: config error: {e}", file=sys.stderr)
-        return 2
-    from mmt.ckpt.layout import CheckpointError
-    from mmt.tracking.logger import TrackingError
+    cfg = load_config(args.config, _split_overrides(args, extra))
     from mmt.training.trainer import train
 
-    try:
-        result = train(cfg, source=args.config)
-    except ConfigError as e:
-        print(f"mmt train: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"mmt train: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except TrackingError as e:
-        print(f"mmt train: tracking error: {e}", file=sys.stderr)
-        return 2
+    result = train(cfg, source=args.config)
     if result.exit_code == 0 and _is_rank0():
         summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
         print(
@@ -78,7 +68,13 @@ def _is_rank0() -> bool:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """Evaluate a checkpoint on ``data.val_urls``; prints the metrics as JSON (rank 0)."""
+    """Evaluate a checkpoint on ``data.val_urls``; prints the metrics as JSON (rank 0); 2 for bad input."""
+    from mmt.cli import run_command
+
+    return run_command("eval", _eval, sys.argv[1:] if argv is None else argv)
+
+
+def _eval(argv: list[str]) -> int:
     p = _parser("mmt eval", "Evaluate a checkpoint on the held-out set.")
     p.add_argument(
         "--checkpoint",
@@ -93,29 +89,17 @@ def eval_main(argv: list[str] | None = None) -> int:
         help="unpickle the checkpoint fully (may run code stored in it); default: tensors and DeepSpeed's classes only",
     )
     args, extra = p.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, _split_overrides(args, extra))
-    except ConfigError as e:
-        print(f"mmt eval: config error: {e}", file=sys.stderr)
-        return 2
-    from mmt.ckpt.layout import CheckpointError
+    cfg = load_config(args.config, _split_overrides(args, extra))
     from mmt.training.evaluation_run import evaluate_checkpoint
 
-    try:
-        metrics = evaluate_checkpoint(
-            cfg,
-            args.checkpoint,
-            output=args.output,
-            log_mlflow=args.mlflow,
-            source=args.config,
-            trust_checkpoint=args.trust_checkpoint,
-        )
-    except ConfigError as e:
-        print(f"mmt eval: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"mmt eval: checkpoint error: {e}", file=sys.stderr)
-        return 2
+    metrics = evaluate_checkpoint(
+        cfg,
+        args.checkpoint,
+        output=args.output,
+        log_mlflow=args.mlflow,
+        source=args.config,
+        trust_checkpoint=args.trust_checkpoint,
+    )
     if metrics is not None:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
