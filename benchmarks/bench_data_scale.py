@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.fixtures_s3 (the moto server helper)
+sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package (benchmarks._moto, ...)
 
+from benchmarks._moto import local_s3  # noqa: E402
 from mmt.config import ConfigError, load_config  # noqa: E402
 from mmt.data.indexed import epoch_order, partitioned_order  # noqa: E402
 from mmt.data.iostats import COUNTERS  # noqa: E402
@@ -95,9 +96,7 @@ def main() -> int:
     worlds = [int(w) for w in args.worlds.split(",")]
     started = time.perf_counter()
 
-    from tests.fixtures_s3 import aws_env, moto_server
-
-    with tempfile.TemporaryDirectory() as tmp_, moto_server() as endpoint, aws_env(endpoint):
+    with tempfile.TemporaryDirectory() as tmp_, local_s3() as endpoint:
         tmp = Path(tmp_)
         import boto3
 

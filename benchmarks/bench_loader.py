@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.fixtures_s3 (the moto server helper)
+sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package (benchmarks._moto, ...)
 
+from benchmarks._moto import local_s3  # noqa: E402
 from benchmarks.bench_train import _batch, plain_training_rate  # noqa: E402
 from mmt.config import load_config  # noqa: E402
 from mmt.data import media, storage  # noqa: E402
@@ -240,10 +241,8 @@ def main() -> int:
 
 def s3_rows(tmp: Path, cfg_path: Path, args, tight_sps: float, raw: dict[str, float]) -> list:
     """One epoch per loader over shards on a local moto S3 server (fetched into an empty cache), as table rows."""
-    from tests.fixtures_s3 import aws_env, moto_server
-
     rows = []
-    with moto_server() as endpoint, aws_env(endpoint):
+    with local_s3() as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
