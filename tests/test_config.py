@@ -31,12 +31,40 @@ def test_defaults_include_and_overrides(tmp_path):
 
 
 def test_list_keys_take_lists_or_comma_strings(tmp_path):
-    """preempt_signals, tracking.tags and init_weights_only are lists; a comma string (command line or file) splits."""
+    """preempt_signals, tracking.tags, tracking.redact_keys and init_weights_only are lists; a comma string
+    (command line or file) splits, taken as typed (``*FOO*`` is not a YAML alias); MLflow params show lists as
+    that comma string; a list where slurm.env wants NAME: value pairs is an error naming the key."""
+    from mmt.config import flatten
+    from mmt.config.secrets import redacted_config
+
     run = _write(tmp_path / "run.yaml", "tracking: {tags: 'team=vision, ci=1'}\n")
-    cfg = load_config(run, ["train.preempt_signals=SIGTERM,USR1", "train.init_weights_only=[text,image]"])
+    cfg = load_config(
+        run,
+        [
+            "train.preempt_signals=SIGTERM,USR1",
+            "train.init_weights_only=[text,image]",
+            "tracking.redact_keys=*FOO*, *_bar",
+            "slurm.env.MY_FOO=x",
+            "slurm.env.BAR=y",
+        ],
+    )
     assert cfg.train.preempt_signals == ["SIGTERM", "USR1"]
     assert cfg.tracking.tags == ["team=vision", "ci=1"]
     assert cfg.train.init_weights_only == ["text", "image"]
+    assert cfg.tracking.redact_keys == ["*FOO*", "*_bar"]
+    params = flatten(redacted_config(cfg))
+    assert (
+        params["train.preempt_signals"] == "SIGTERM,USR1" and params["tracking.redact_keys"] == "*FOO*,*_bar"
+    )
+    assert params["slurm.env.MY_FOO"] == "***" and params["slurm.env.BAR"] == "y"
+    assert params["train.zero_shot_templates"] == "{c}" and params["train.init_weights_only"] == "text,image"
+    for bad, key in (("slurm.env=[A=1]", "slurm.env"), ("slurm.env.A=[1,2]", "slurm.env.A")):
+        with pytest.raises(ConfigError, match="expected a") as err:
+            load_config(None, [bad])
+        assert err.value.key == key
+    with pytest.raises(ConfigError, match="not a list") as err:
+        load_config(_write(tmp_path / "env.yaml", "slurm: {env: [A=1]}\n"))
+    assert err.value.key == "slurm.env" and err.value.source.endswith("env.yaml")
     assert load_config(None, ["train.preempt_signals="]).train.preempt_signals == []
     assert Config().train.preempt_signals == ["SIGTERM", "SIGUSR1"]
     with pytest.raises(ConfigError, match="train.preempt_signals: unknown signal 'FOO'"):

@@ -87,9 +87,11 @@ def _section_type(schema: type, name: str) -> type | None:
     return None
 
 
-def _comma_lists(data: Any, schema: type) -> Any:
+def _comma_lists(data: Any, schema: type, source: str, prefix: str = "") -> Any:
     """``data`` with a string given for a ``list[str]`` field split on commas: ``train.preempt_signals=SIGTERM,SIGUSR1``
-    on the command line (or in a file) means the list ``[SIGTERM, SIGUSR1]``."""
+    on the command line (or in a file) means the list ``[SIGTERM, SIGUSR1]``. A list where a mapping of strings
+    belongs (``slurm.env``) is a `ConfigError` naming the key (OmegaConf would fail with a bare TypeError or keep
+    the list as the value of a ``dict[str, str]``)."""
     import typing
 
     if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
@@ -97,12 +99,45 @@ def _comma_lists(data: Any, schema: type) -> Any:
     hints = typing.get_type_hints(schema)
     out = {}
     for key, value in data.items():
-        if typing.get_origin(hints.get(key)) is list and (value is None or isinstance(value, str)):
+        hint = hints.get(key)
+        if typing.get_origin(hint) is list and (value is None or isinstance(value, str)):
             value = [x.strip() for x in (value or "").split(",") if x.strip()]  # ``key=`` is the empty list
+        elif typing.get_origin(hint) is list and isinstance(value, dict):
+            raise ConfigError(source, f"{prefix}{key}", "expected a list (or a comma-separated string)")
+        elif typing.get_origin(hint) is dict:
+            _check_mapping(value, source, f"{prefix}{key}")
         elif isinstance(value, dict) and (sub := _section_type(schema, key)) is not None:
-            value = _comma_lists(value, sub)
+            value = _comma_lists(value, sub, source, f"{prefix}{key}.")
         out[key] = value
     return out
+
+
+def _is_list_field(schema: type, dotted_key: str) -> bool:
+    """Whether ``dotted_key`` (``train.preempt_signals``) names a ``list`` field of ``schema``."""
+    import typing
+
+    *path, leaf = dotted_key.split(".")
+    for name in path:
+        schema = _section_type(schema, name)  # type: ignore[assignment]
+        if schema is None:
+            return False
+    return (
+        dataclasses.is_dataclass(schema)
+        and typing.get_origin(typing.get_type_hints(schema).get(leaf)) is list
+    )
+
+
+def _check_mapping(value: Any, source: str, key: str) -> None:
+    """A ``dict[str, str]`` field (``slurm.env``) takes NAME: value pairs with scalar values only."""
+    if isinstance(value, list):
+        raise ConfigError(
+            source,
+            key,
+            f"expected a mapping of NAME: value ({key}.NAME=value on the command line), not a list",
+        )
+    for name, v in (value or {}).items() if isinstance(value, dict) else ():
+        if isinstance(v, (list, dict)):
+            raise ConfigError(source, f"{key}.{name}", f"expected a string, not a {type(v).__name__}")
 
 
 def _merge(base: DictConfig, data: Any, source: str) -> DictConfig:
@@ -141,7 +176,8 @@ def load_config(
     file_source = str(path) if path is not None else "<defaults>"
     if path is not None:
         p = resolve_config(path, _KINDS.get(schema, ("model", "run")))
-        data = _comma_lists(_expand_includes(read_config_file(p), schema, p.resolve().parent, str(p)), schema)
+        data = _expand_includes(read_config_file(p), schema, p.resolve().parent, str(p))
+        data = _comma_lists(data, schema, str(p))
         node = _merge(node, data, str(p))
         _to_object(node, str(p), schema)
     # Types are checked as each override merges; values and cross-field rules once all are in, so the order of
@@ -152,13 +188,16 @@ def load_config(
         if "=" not in item:
             raise ConfigError(source, item, "expected key=value")
         key, value = item.split("=", 1)
+        if _is_list_field(schema, key.strip()) and not value.lstrip().startswith("["):
+            # A comma string for a list is taken as typed, not as YAML (``*FOO*`` would be a YAML alias).
+            value = "[" + ", ".join(json.dumps(x.strip()) for x in value.split(",") if x.strip()) + "]"
         try:
             dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as e:
             raise ConfigError(source, key, _short(e)) from None
         except yaml.YAMLError as e:  # the value is not YAML (an unclosed bracket or quote)
             raise ConfigError(source, key, f"cannot parse the value: {_one_line(e)}") from None
-        dotted = _comma_lists(OmegaConf.to_container(dotted), schema)
+        dotted = _comma_lists(OmegaConf.to_container(dotted), schema, source)
         node = _merge(node, dotted, source)
         set_by.append((key, source))
     try:
@@ -176,13 +215,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: Any) -> dict[str, Any]:
-    """``{"model.attention.kind": "mha", ...}``: the form logged as MLflow params."""
+    """``{"model.attention.kind": "mha", "train.preempt_signals": "SIGTERM,SIGUSR1", ...}``: the form logged as
+    MLflow params. A list of plain values is written as the comma-separated string the command line takes (not
+    Python's ``['SIGTERM', 'SIGUSR1']``); one whose items hold commas as JSON."""
     out: dict[str, Any] = {}
 
     def walk(d: Any, prefix: str) -> None:
         if isinstance(d, dict):
             for k, v in d.items():
                 walk(v, f"{prefix}{k}.")
+        elif isinstance(d, list) and not any(isinstance(x, (list, dict)) or "," in str(x) for x in d):
+            out[prefix[:-1]] = ",".join(str(x) for x in d)
+        elif isinstance(d, list):  # items with commas in them: unambiguous as JSON
+            out[prefix[:-1]] = json.dumps(d, ensure_ascii=False)
         else:
             out[prefix[:-1]] = d
 

@@ -18,12 +18,22 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote
 
 REDACTED = "***"
-DEFAULT_SECRET_KEYS = (
-    "*SECRET*,*PASSWORD*,*PASSWD*,*CREDENTIAL*,*TOKEN,*_TOKEN_*,*_KEY,*API_KEY*,*PRIVATE_KEY*,*_PAT"
+DEFAULT_SECRET_KEYS: tuple[str, ...] = (
+    "*SECRET*",
+    "*PASSWORD*",
+    "*PASSWD*",
+    "*CREDENTIAL*",
+    "*TOKEN",
+    "*_TOKEN_*",
+    "*_KEY",
+    "*API_KEY*",
+    "*PRIVATE_KEY*",
+    "*_PAT",
 )
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
@@ -33,9 +43,10 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s
 _PAIR = re.compile(r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*[=:]\s*)(?P<v>[^,;\s'\"]+)")
 
 
-def secret_patterns(spec: str) -> tuple[str, ...]:
-    """``"*SECRET*, *_KEY"`` -> ``("*SECRET*", "*_KEY")``."""
-    return tuple(p.strip().upper() for p in spec.split(",") if p.strip())
+def secret_patterns(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``["*secret*", "*_KEY"]`` (``tracking.redact_keys``) or ``"*SECRET*, *_KEY"`` -> ``("*SECRET*", "*_KEY")``."""
+    items = [spec] if isinstance(spec, str) else spec
+    return tuple(p.strip().upper() for item in items for p in str(item).split(",") if p.strip())
 
 
 def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:

@@ -32,8 +32,9 @@ class TrackingConfig:
     tags: list[str] = cfg_field(
         default_factory=list, doc="extra run tags as key=value strings (a comma-separated string is accepted)"
     )
-    redact_keys: str = cfg_field(
-        DEFAULT_SECRET_KEYS,
-        doc="comma-separated glob patterns (case-insensitive) of key names whose values are secrets: shown as "
-        "*** in MLflow, saved configs, the console and metrics.jsonl (URL user-info always is)",
+    redact_keys: list[str] = cfg_field(
+        default_factory=lambda: list(DEFAULT_SECRET_KEYS),
+        doc="glob patterns (case-insensitive) of key names whose values are secrets: shown as *** in MLflow, "
+        "saved configs, the console and metrics.jsonl (URL user-info always is); a comma-separated string is "
+        "accepted",
     )
