@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmt.ckpt.layout import META_FILE
-from mmt.ckpt.manager import complete_tags, find_checkpoint
+from mmt.ckpt.layout import META_FILE, complete_tags, resolve_tag_dir
+from mmt.ckpt.manager import resume_point
 from mmt.config import ConfigError, load_config
 from mmt.config.train import ScheduleConfig, TrainConfig
 from mmt.training.batching import resolve_batch
@@ -348,20 +348,30 @@ def _tag(root, step, complete=True):
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     root = tmp_path / "run/checkpoints"
-    assert find_checkpoint("auto", tmp_path / "run") is None  # nothing yet: a fresh start
+    assert resume_point("auto", tmp_path / "run") is None  # nothing yet: a fresh start
+    assert resume_point("", tmp_path / "run") is None
     _tag(root, 10)
     _tag(root, 20)
     _tag(root, 30, complete=None)  # a save that died half-way: no meta file
     _tag(root, 40, complete=False)
     (root / "latest").write_text("step_00000030\n")  # even a stale pointer does not win
     assert [s for s, _ in complete_tags(root)] == [10, 20]
-    assert find_checkpoint("auto", tmp_path / "run") == root / "step_00000020"
-    assert find_checkpoint(str(tmp_path / "run"), tmp_path / "other") == root / "step_00000020"
-    assert find_checkpoint(str(root / "step_00000010"), tmp_path) == root / "step_00000010"
-    with pytest.raises(RuntimeError, match="not complete"):
-        find_checkpoint(str(root / "step_00000040"), tmp_path)
+    assert resume_point("auto", tmp_path / "run") == root / "step_00000020"
+    assert resume_point(str(tmp_path / "run"), tmp_path / "other") == root / "step_00000020"
+    assert resume_point(str(root / "step_00000010"), tmp_path) == root / "step_00000010"
+    # the same resolver serves the tools: an explicit tag, the `latest` pointer when it names a finished save
+    assert resolve_tag_dir(tmp_path / "run", "step_00000010") == root / "step_00000010"
+    (root / "latest").write_text("step_00000010\n")
+    assert resume_point("auto", tmp_path / "run") == root / "step_00000010"
+    assert resolve_tag_dir(root) == root / "step_00000010"
+    with pytest.raises(RuntimeError, match="step_00000040/mmt_meta.json: complete is not true"):
+        resume_point(str(root / "step_00000040"), tmp_path)
+    with pytest.raises(RuntimeError, match="step_00000030/mmt_meta.json: missing"):
+        resolve_tag_dir(root, "step_00000030", complete=True)
+    with pytest.raises(RuntimeError, match="step_00000050: no such checkpoint tag"):
+        resolve_tag_dir(tmp_path / "run", "step_00000050")
     with pytest.raises(RuntimeError, match="nope: no such checkpoint"):
-        find_checkpoint(str(tmp_path / "nope"), tmp_path)
+        resume_point(str(tmp_path / "nope"), tmp_path)
 
 
 def test_client_state_round_trips_and_picks_per_rank_states():

@@ -9,7 +9,9 @@ from typing import Any
 from mmt.ckpt.layout import (
     LATEST_FILE,
     LATEST_UNIVERSAL_FILE,
+    META_FILE,
     CheckpointError,
+    is_complete,
     list_tags,
     read_latest,
     read_meta,
@@ -24,17 +26,15 @@ def _tag_status(tag_dir: Path) -> str:
     """mmt's saves: their ``mmt_meta.json``; any other DeepSpeed checkpoint: whether its own files check out."""
     if (tag_dir / "zero").is_dir():
         return "universal checkpoint"
+    if (tag_dir / META_FILE).is_file():
+        return "complete" if is_complete(tag_dir) else "incomplete (complete != true)"
     try:
-        meta = read_meta(tag_dir)
-    except CheckpointError:
-        try:
-            ck = ZeroCheckpoint(tag_dir, require_meta=False)
-        except CheckpointError as e:
-            return f"incomplete ({e})"
-        if ck.made_by_mmt:
-            return "incomplete (no mmt_meta.json)"
-        return "complete (DeepSpeed checkpoint: every rank's files present and consistent)"
-    return "complete" if meta.get("complete") is True else "incomplete (complete != true)"
+        ck = ZeroCheckpoint(tag_dir, require_meta=False)
+    except CheckpointError as e:
+        return f"incomplete ({e})"
+    if ck.made_by_mmt:
+        return "incomplete (no mmt_meta.json)"
+    return "complete (DeepSpeed checkpoint: every rank's files present and consistent)"
 
 
 def inspect_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
@@ -49,13 +49,12 @@ def inspect_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[
         "tags": [{"tag": t, "status": _tag_status(root / t)} for t in tags],
     }
     try:
-        root, chosen = resolve_tag_dir(path, tag)
+        tag_dir = resolve_tag_dir(path, tag)
     except CheckpointError as e:
         info["error"] = str(e)
         info["complete"] = False
         return info
-    tag_dir = root / chosen
-    info["tag"] = chosen
+    info["tag"] = tag_dir.name
     meta: dict[str, Any] | None
     try:
         meta = read_meta(tag_dir)
@@ -89,7 +88,7 @@ def inspect_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[
             "files": sorted(p.name for p in tag_dir.iterdir() if p.is_file()),
             "deepspeed_version": ck.model_state.get("ds_version"),
             "mlflow_run_id": None if meta is None else meta.get("mlflow_run_id"),
-            "complete": (meta is not None and meta.get("complete") is True) or not ck.made_by_mmt,
+            "complete": meta is not None or not ck.made_by_mmt,
             "made_by": "mmt" if ck.made_by_mmt else "DeepSpeed (no mmt_meta.json)",
             "universal": False,
             "notes": ck.notes,
@@ -114,7 +113,7 @@ def _universal_summary(tag_dir: Path, meta: dict[str, Any] | None) -> dict[str, 
         "world_size": meta.get("world_size"),
         "dtype": meta.get("dtype"),
         "num_tensors": len(params),
-        "complete": meta.get("complete") is True,
+        "complete": bool(meta),  # read_meta gives only a finished save's meta
         "config": meta.get("config"),
         "files": sorted(p.name for p in tag_dir.iterdir() if p.is_file()),
     }

@@ -48,6 +48,11 @@ def write_latest(ckpt_root: str | os.PathLike, tag: str, name: str = LATEST_FILE
 
 
 def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``mmt_meta.json`` of a finished save: the one meta reader of mmt.
+
+    Raises `CheckpointError` naming the file when it is missing, unreadable or not marked ``complete: true``:
+    each means the save did not finish (rank 0 writes the file last). Scans that skip such saves use
+    `is_complete`."""
     path = Path(tag_dir) / META_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -57,19 +62,24 @@ def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
+    if meta.get("complete") is not True:
+        raise CheckpointError(
+            f"{path}: complete is not true; the save did not finish (not a complete checkpoint)"
+        )
     return meta
 
 
-def complete_meta(tag_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The meta of a complete checkpoint, else None (no or unreadable meta, or not marked complete): how the
-    trainer and `mmt eval` pick checkpoints, skipping interrupted saves. `read_meta` is the strict reader."""
+def is_complete(tag_dir: str | os.PathLike) -> bool:
+    """Whether ``tag_dir`` is a finished mmt save (`read_meta` succeeds)."""
     try:
-        meta = read_meta(tag_dir)
-    except (CheckpointError, OSError):
-        return None
-    return meta if meta.get("complete") is True else None
+        read_meta(tag_dir)
+    except CheckpointError:
+        return False
+    return True
 
 
 def read_latest(ckpt_root: str | os.PathLike, name: str = LATEST_FILE) -> str | None:
@@ -107,33 +117,55 @@ def list_tags(ckpt_root: str | os.PathLike) -> list[str]:
     return sorted(tags, key=lambda t: (step_of_tag(t) is None, step_of_tag(t) or 0, t))
 
 
-def resolve_tag_dir(path: str | os.PathLike, tag: str | None = None) -> tuple[Path, str]:
-    """The tag folder to use: the one ``path`` points at, else ``tag``, else the one named by ``latest``.
+def complete_tags(ckpt_root: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, tag) of every finished mmt save (``step_*`` with a complete meta) under ``ckpt_root``, oldest first."""
+    return [
+        (s, t)
+        for t in list_tags(ckpt_root)
+        if (s := step_of_tag(t)) is not None and is_complete(Path(ckpt_root) / t)
+    ]
 
-    ``path`` may be a run dir, its ``checkpoints/`` folder or a tag folder. Returns (checkpoint root, tag);
-    raises `CheckpointError` naming the folder when nothing usable is found.
+
+def resolve_tag_dir(path: str | os.PathLike, tag: str | None = None, *, complete: bool = False) -> Path:
+    """The one checkpoint resolver: the tag folder that ``path`` (and ``tag``) name.
+
+    ``path`` is a tag folder, a checkpoint root (``checkpoints/`` or any folder DeepSpeed saved into) or a run
+    folder. Without ``tag`` the tag is, in this order: the one ``latest`` names if that save finished; the newest
+    finished mmt save (a pointer to an interrupted save never wins); the one ``latest`` names (another program's
+    checkpoint, judged from its files by `mmt.ckpt.reader`). ``complete=True`` (resume, `mmt eval`) also requires
+    a finished mmt save. Raises `CheckpointError` naming the path or tag when nothing usable is there.
     """
     p = Path(path)
     root = resolve_checkpoint_root(p)
     if is_tag_dir(p):
         if tag is not None and tag != p.name:
             raise CheckpointError(f"{p}: this is checkpoint tag {p.name!r}, but tag {tag!r} was asked for")
-        return root, p.name
-    if tag is None:
-        tag = read_latest(root)
-        if tag is None:
-            tags = list_tags(root)
-            if not tags:
-                raise CheckpointError(
-                    f"{p}: not a DeepSpeed checkpoint: no DeepSpeed model state files (*_model_states.pt) here or "
-                    f"in a tag folder below, and no {LATEST_FILE} file"
-                )
-            raise CheckpointError(
-                f"{root / LATEST_FILE}: missing; name a tag (tags here: {', '.join(tags) or 'none'})"
-            )
+        tag = p.name
+    elif tag is None:
+        tag = _default_tag(root, p)
     if not (root / tag).is_dir():
         tags = list_tags(root)
         raise CheckpointError(
             f"{root / tag}: no such checkpoint tag (tags here: {', '.join(tags) or 'none'})"
         )
-    return root, tag
+    if complete:
+        read_meta(root / tag)
+    return root / tag
+
+
+def _default_tag(root: Path, path: Path) -> str:
+    latest = read_latest(root)
+    if latest is not None and is_complete(root / latest):
+        return latest
+    finished = complete_tags(root)
+    if finished:
+        return finished[-1][1]
+    if latest is not None:
+        return latest
+    tags = list_tags(root)
+    if not tags:
+        raise CheckpointError(
+            f"{path}: not a DeepSpeed checkpoint: no DeepSpeed model state files (*_model_states.pt) here or "
+            f"in a tag folder below, and no {LATEST_FILE} file"
+        )
+    raise CheckpointError(f"{root / LATEST_FILE}: missing; name a tag (tags here: {', '.join(tags)})")

@@ -1,5 +1,5 @@
 """The checkpoint manager: saves in mmt's layout (`mmt.ckpt.layout`) through DeepSpeed's sharded ``save_checkpoint``,
-and finds the checkpoint a run resumes from.
+and names the checkpoint a run resumes from (`resume_point`).
 
 Layout under ``<run_dir>/checkpoints/``::
 
@@ -23,8 +23,9 @@ import torch.distributed as dist
 from mmt.ckpt.layout import (
     CHECKPOINTS_DIR,
     META_FILE,
-    CheckpointError,
-    complete_meta,
+    complete_tags,
+    is_complete,
+    resolve_tag_dir,
     step_of_tag,
     tag_for_step,
     write_latest,
@@ -37,45 +38,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def complete_tags(root: str | os.PathLike) -> list[tuple[int, str]]:
-    """(step, tag) of every complete checkpoint under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():
-        step = step_of_tag(d.name)
-        if step is not None and d.is_dir() and complete_meta(d) is not None:
-            out.append((step, d.name))
-    return sorted(out)
+def resume_point(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """The tag folder ``train.resume`` names, through `resolve_tag_dir` (finished saves only).
 
-
-def find_checkpoint(spec: str, run_dir: str | os.PathLike) -> Path | None:
-    """The tag folder to resume from.
-
-    ``spec`` ``"auto"``: the newest complete checkpoint of ``run_dir`` (None if there is none: a fresh start).
-    Otherwise a path: a tag folder, a ``checkpoints/`` folder or a run folder; an error if nothing complete is
-    there.
+    ``""``: none. ``"auto"``: this run's checkpoint (``latest``, else the newest finished save), or None when the
+    run has no finished save yet: a fresh start. Anything else: a tag, checkpoint or run folder; an error naming
+    it when nothing finished is there.
     """
-    if not spec:
+    if not resume:
         return None
-    if spec == "auto":
-        tags = complete_tags(Path(run_dir) / CHECKPOINTS_DIR)
-        return Path(run_dir) / CHECKPOINTS_DIR / tags[-1][1] if tags else None
-    p = Path(spec)
-    if not p.exists():
-        raise CheckpointError(f"{spec}: no such checkpoint file or directory")
-    if (p / META_FILE).exists():
-        if complete_meta(p) is None:
-            raise CheckpointError(f"{p / META_FILE}: checkpoint is not complete (its save did not finish)")
-        return p
-    root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
-    tags = complete_tags(root)
-    if not tags:
-        raise CheckpointError(
-            f"{spec}: no complete checkpoint (step_*/{META_FILE} with complete: true) under {root}"
-        )
-    return root / tags[-1][1]
+    if resume == "auto":
+        root = Path(run_dir) / CHECKPOINTS_DIR
+        return resolve_tag_dir(root, complete=True) if complete_tags(root) else None
+    return resolve_tag_dir(resume, complete=True)
 
 
 class CheckpointManager:
@@ -90,7 +65,7 @@ class CheckpointManager:
         """Collective: every rank must call it. Returns the tag folder."""
         tag = tag_for_step(step)
         tag_dir = self.root / tag
-        already = complete_meta(tag_dir) is not None
+        already = is_complete(tag_dir)
         _barrier()
         if already:
             # Same step saved before (e.g. preempted right after a resume): that state is this state.
@@ -117,7 +92,7 @@ class CheckpointManager:
         # Interrupted saves older than the newest complete one can never be resumed from.
         for d in self.root.iterdir():
             s = step_of_tag(d.name)
-            if s is not None and d.is_dir() and s < newest and complete_meta(d) is None:
+            if s is not None and d.is_dir() and s < newest and not is_complete(d):
                 doomed.append(d.name)
         for t in doomed:
             shutil.rmtree(self.root / t, ignore_errors=True)

@@ -139,8 +139,8 @@ class ZeroCheckpoint:
         require_meta: bool = True,
         read_budget: int = 64 << 20,
     ) -> None:
-        self.root, self.tag = resolve_tag_dir(path, tag)
-        self.dir = self.root / self.tag
+        self.dir = resolve_tag_dir(path, tag)
+        self.root, self.tag = self.dir.parent, self.dir.name
         self.read_budget = read_budget
         self.notes: list[str] = []
         self.meta: dict[str, Any] | None
@@ -149,12 +149,8 @@ class ZeroCheckpoint:
             meta_error = None
         except CheckpointError as e:
             self.meta, meta_error = None, e
-        if self.meta is not None and self.meta.get("complete") is not True:
-            raise CheckpointError(
-                f"{self.dir / 'mmt_meta.json'}: complete is not true; the save did not finish"
-            )
         self._discover()
-        self.made_by_mmt = self.meta is not None or written_by_mmt(self.model_state, self.root)
+        self.made_by_mmt = (self.dir / META_FILE).is_file() or written_by_mmt(self.model_state, self.root)
         if self.made_by_mmt and self.meta is None and require_meta:
             raise meta_error  # type: ignore[misc]
         self._check_same_save()

@@ -89,11 +89,9 @@ def check_resumable(
     ``config``: the new run's resolved config (``mmt.config.to_dict(cfg)``); its ``model`` section must equal the
     checkpoint's. Raises `CheckpointError` naming the checkpoint file for anything that would not load exactly.
     """
-    root, tag = resolve_tag_dir(ckpt_dir, tag)
-    tag_dir = root / tag
+    tag_dir = resolve_tag_dir(ckpt_dir, tag, complete=True)
+    root, tag = tag_dir.parent, tag_dir.name
     meta = read_meta(tag_dir)
-    if meta.get("complete") is not True:
-        raise CheckpointError(f"{tag_dir / META_FILE}: complete is not true; the save did not finish")
     if config is not None and isinstance(meta.get("config"), dict) and "model" in meta["config"]:
         diffs = diff_dicts(meta["config"]["model"], config.get("model", {}))
         if diffs:

@@ -30,7 +30,6 @@ from mmt.ckpt.layout import (
     CHECKPOINTS_DIR,
     LATEST_UNIVERSAL_FILE,
     CheckpointError,
-    read_meta,
     write_latest,
     write_meta,
 )
@@ -67,7 +66,7 @@ def to_universal(
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
     meta = (
-        read_meta(ck.dir)
+        dict(ck.meta)
         if ck.meta is not None
         else {  # another program's DeepSpeed checkpoint: record what its own files say
             "step": ck.step,

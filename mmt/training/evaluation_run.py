@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from mmt.atomic import atomic_write_text
-from mmt.ckpt.layout import CheckpointError, complete_meta
-from mmt.ckpt.manager import find_checkpoint
+from mmt.ckpt.layout import CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.torchio import check_files, checkpoint_loading, load_pt
 from mmt.config import Config
 from mmt.precision import torch_dtype
@@ -28,11 +27,7 @@ from mmt.training.tasks import build_task
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint folder written by `CheckpointManager` (run it inside
     `checkpoint_loading`: DeepSpeed's reader unpickles the files itself)."""
-    meta = complete_meta(tag_dir)
-    if meta is None:
-        raise CheckpointError(
-            f"{tag_dir}: not a complete mmt checkpoint (no mmt_meta.json with complete: true)"
-        )
+    meta = read_meta(tag_dir)
     check_files(sorted(tag_dir.glob("*.pt")))  # before DeepSpeed's reader unpickles them
     if int(meta.get("zero_stage", 0)) == 0:
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
@@ -62,10 +57,8 @@ def evaluate_checkpoint(
     t = cfg.train
     env, device, created = D.setup_distributed(t.device, t.dist_backend, t.dist_timeout_s, t.rdzv_timeout_s)
     try:
-        tag_dir = find_checkpoint(checkpoint, t.run_dir)
-        if tag_dir is None:
-            raise CheckpointError(f"{checkpoint}: no complete checkpoint")
-        meta = complete_meta(tag_dir) or {}
+        tag_dir = resolve_tag_dir(checkpoint, complete=True)
+        meta = read_meta(tag_dir)
         model = mmt.create_model(cfg.model)
         with checkpoint_loading(trust_checkpoint or t.trust_checkpoint):
             weights = consolidated_state_dict(tag_dir)

@@ -23,8 +23,8 @@ import torch
 
 from mmt.atomic import atomic_write_text
 from mmt.ckpt.client_state import ClientState
-from mmt.ckpt.layout import complete_meta
-from mmt.ckpt.manager import CheckpointManager, find_checkpoint
+from mmt.ckpt.layout import read_meta
+from mmt.ckpt.manager import CheckpointManager, resume_point
 from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml
@@ -157,10 +157,10 @@ class Trainer:
         # Resume point (rank 0 decides, every rank follows the same path).
         tag_dir = None
         if self.rank == 0:
-            tag_dir = find_checkpoint(t.resume, self.run_dir)
+            tag_dir = resume_point(t.resume, self.run_dir)
         tag_dir = D.broadcast_object(str(tag_dir) if tag_dir else None)
         self.resume_dir = Path(tag_dir) if tag_dir else None
-        resume_meta = complete_meta(self.resume_dir) if self.resume_dir else None
+        resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
         self.resume_plan = None
         if self.resume_dir is not None:
             # Same world size: DeepSpeed's files load as saved; another world size: rank 0 converts them to a
