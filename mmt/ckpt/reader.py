@@ -496,6 +496,31 @@ class ZeroCheckpoint:
         return {k: e.shape for k, e in self.entries.items()}
 
     # ---------------------------------------------------------------- reading
+    def load_into(self, model: torch.nn.Module, what: str = "the model") -> None:
+        """Copy the checkpoint's fp32 weights into ``model`` in place, tensor by tensor (never a second full copy).
+
+        Strict: the names and shapes of the model's state dict and of the checkpoint must be the same; otherwise
+        `CheckpointError` naming this folder and ``what`` lists what differs. Values are cast to each model
+        tensor's dtype; a tensor shared under two names is copied under both.
+        """
+        state = model.state_dict()
+        missing = [k for k in state if k not in self.entries]
+        unexpected = [k for k in self.entries if k not in state]
+        shapes = [
+            f"{k}: {e.shape} in the checkpoint, {tuple(state[k].shape)} in the model"
+            for k, e in self.entries.items()
+            if k in state and tuple(state[k].shape) != e.shape
+        ]
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f"{self.dir}: weights do not fit {what} (missing {missing[:5]}, unexpected {unexpected[:5]}"
+                + (f", shape differs: {'; '.join(shapes[:5])}" if shapes else "")
+                + ")"
+            )
+        with torch.no_grad():
+            for name, t in self.iter_tensors():
+                state[name].copy_(t)
+
     def iter_tensors(
         self, names: list[str] | None = None, *, pieces: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:

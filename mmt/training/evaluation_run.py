@@ -1,22 +1,27 @@
 """`mmt eval`: evaluate a saved checkpoint on the held-out set, on any world size.
 
-The weights are consolidated from the checkpoint into full fp32 tensors (DeepSpeed's ZeRO-to-fp32 reader, exact
-for ZeRO-1/2/3; the module file itself for stage 0), loaded into a fresh model and wrapped in a plain (stage 0)
-engine for evaluation, so a checkpoint from 8 GPUs evaluates on 1 CPU process and vice versa.
+The fp32 weights are read from the checkpoint by mmt's own streaming reader (`mmt.ckpt.reader.ZeroCheckpoint`,
+the one `mmt ckpt convert` uses: ZeRO 0-3, bit-identical to DeepSpeed's ``zero_to_fp32``) straight into a fresh
+model, which is wrapped in a plain (stage 0) engine for evaluation, so a checkpoint from 8 GPUs evaluates on
+1 CPU process and vice versa.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
+import mmt
 from mmt.atomic import atomic_write_text
-from mmt.ckpt.layout import CheckpointError, read_meta, resolve_tag_dir
-from mmt.ckpt.torchio import check_files, checkpoint_loading, load_pt
+from mmt.ckpt.layout import read_meta, resolve_tag_dir
+from mmt.ckpt.reader import ZeroCheckpoint
+from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config
+from mmt.data.loader import build_eval_loader
 from mmt.precision import torch_dtype
 from mmt.training import distributed as D
 from mmt.training.engine import eval_ds_config, initialize
@@ -24,20 +29,54 @@ from mmt.training.evaluate import evaluate
 from mmt.training.tasks import build_task
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint folder written by `CheckpointManager` (run it inside
-    `checkpoint_loading`: DeepSpeed's reader unpickles the files itself)."""
-    meta = read_meta(tag_dir)
-    check_files(sorted(tag_dir.glob("*.pt")))  # before DeepSpeed's reader unpickles them
-    if int(meta.get("zero_stage", 0)) == 0:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{tag_dir}: no mp_rank_*_model_states.pt")
-        state = load_pt(files[0])
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def load_checkpoint_model(cfg: Config, tag_dir: Path, source: str, trust: bool) -> nn.Module:
+    """A model built from ``cfg.model`` holding the fp32 weights of the finished save ``tag_dir``.
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    ``trust`` unpickles the files fully; otherwise a file naming a class outside `mmt.ckpt.torchio`'s allow-list
+    is refused before anything in it runs. Weights that do not fit the config are refused naming both."""
+    model = mmt.create_model(cfg.model)
+    with checkpoint_loading(trust):
+        ZeroCheckpoint(tag_dir).load_into(model, f"model config {source}")
+    return model
+
+
+def log_to_run(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Add the ``val/*`` metrics as ``eval/*`` to the MLflow run that saved the checkpoint (if it had one)."""
+    if not meta.get("mlflow_run_id"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from mmt.config.secrets import tracking_credentials
+    from mmt.tracking.uri import resolve_tracking_uri
+
+    client = MlflowClient(tracking_credentials(resolve_tracking_uri(cfg.tracking.uri)))
+    for k, v in metrics.items():
+        if k.startswith("val/"):
+            client.log_metric(
+                meta["mlflow_run_id"],
+                k.replace("val/", "eval/", 1),
+                float(v),
+                step=int(meta.get("step") or 0),
+            )
+
+
+def _run_evaluation(cfg: Config, model: nn.Module, env: D.DistEnv, device: Any) -> dict[str, Any]:
+    """The metrics of ``model`` on ``cfg.data.val_urls`` through a plain (ZeRO-0) engine, destroyed afterwards so
+    that the teardown can free the process groups (see `mmt.training.distributed.destroy_process_groups`)."""
+    t = cfg.train
+    precision = t.precision if device.type == "cuda" or t.precision != "fp16" else "fp32"
+    batch = t.eval_batch or max(1, t.micro_batch or t.global_batch // env.world_size)
+    engine = initialize(model, eval_ds_config(precision, batch, env.world_size))
+    try:
+        loader = build_eval_loader(cfg, env.rank, env.world_size, batch)
+        task = build_task(cfg.model, t)
+        return evaluate(
+            engine, task, loader, device, torch_dtype(precision), t.eval_max_batches, t.caption_max_tokens
+        )
+    finally:
+        with suppress(Exception):
+            engine.destroy()
+        del engine
 
 
 def evaluate_checkpoint(
@@ -48,56 +87,24 @@ def evaluate_checkpoint(
     source: str = "config",
     trust_checkpoint: bool = False,
 ) -> dict[str, Any] | None:
-    """Metrics of ``checkpoint`` on ``cfg.data.val_urls`` (returned on rank 0, None elsewhere).
+    """Metrics of ``checkpoint`` (a tag, checkpoints or run folder: `resolve_tag_dir`, finished saves only) on
+    ``cfg.data.val_urls``; returned on rank 0, None elsewhere.
 
-    ``trust_checkpoint`` (or ``train.trust_checkpoint``) unpickles the files fully; otherwise a file naming a
-    class outside `mmt.ckpt.torchio`'s allow-list is refused before anything in it runs."""
-    import mmt
-
+    ``trust_checkpoint`` (or ``train.trust_checkpoint``) unpickles the files fully (see `load_checkpoint_model`)."""
     t = cfg.train
     env, device, created = D.setup_distributed(t.device, t.dist_backend, t.dist_timeout_s, t.rdzv_timeout_s)
     try:
         tag_dir = resolve_tag_dir(checkpoint, complete=True)
         meta = read_meta(tag_dir)
-        model = mmt.create_model(cfg.model)
-        with checkpoint_loading(trust_checkpoint or t.trust_checkpoint):
-            weights = consolidated_state_dict(tag_dir)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{tag_dir}: weights do not fit model config {source} (missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]})"
-            )
-        precision = t.precision if device.type == "cuda" or t.precision != "fp16" else "fp32"
-        dtype = torch_dtype(precision)
-        batch = t.eval_batch or max(1, t.micro_batch or t.global_batch // env.world_size)
-        engine = initialize(model, eval_ds_config(precision, batch, env.world_size))
-        from mmt.training.trainer import default_eval_loader
-
-        loader = default_eval_loader(cfg, env.rank, env.world_size, batch)
-        metrics: dict[str, Any] = evaluate(
-            engine, build_task(cfg.model, t), loader, device, dtype, t.eval_max_batches, t.caption_max_tokens
-        )
+        model = load_checkpoint_model(cfg, tag_dir, source, trust_checkpoint or t.trust_checkpoint)
+        metrics = _run_evaluation(cfg, model, env, device)
         metrics = {**metrics, "checkpoint": str(tag_dir), "step": meta.get("step")}
         if env.rank != 0:
             return None
         if output:
             atomic_write_text(output, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        if log_mlflow and meta.get("mlflow_run_id"):
-            from mlflow.tracking import MlflowClient
-
-            from mmt.config.secrets import tracking_credentials
-            from mmt.tracking.uri import resolve_tracking_uri
-
-            client = MlflowClient(tracking_credentials(resolve_tracking_uri(cfg.tracking.uri)))
-            for k, v in metrics.items():
-                if k.startswith("val/"):
-                    client.log_metric(
-                        meta["mlflow_run_id"],
-                        k.replace("val/", "eval/", 1),
-                        float(v),
-                        step=int(meta.get("step") or 0),
-                    )
+        if log_mlflow:
+            log_to_run(cfg, meta, metrics)
         return metrics
     finally:
         D.teardown_distributed(created)
