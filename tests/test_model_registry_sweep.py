@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmt.config.kinds import KINDS
 from mmt.config.model import AttentionConfig, FusionConfig
 from mmt.model.factory import create_model
-from mmt.model.registry import ATTENTION, FFN, FUSION, NORM, POOLING, POSITIONAL
+from mmt.model.registry import ATTENTION, FFN, FUSION, NORM, POOLING, POSITIONAL, REGISTRIES
 from tests.model_helpers import scramble_padding, tiny_batch, tiny_config
 
 # Each registry entry appears in at least one case; combinations that the config forbids are left out.
@@ -43,6 +44,14 @@ CASES = (
     ]
     + [pytest.param({"fusion": FusionConfig(kind="concat", pool=p)}, id=f"pool={p}") for p in POOLING.names()]
 )
+
+
+def test_registries_implement_exactly_the_declared_kinds():
+    """The config checks names against `KINDS` without importing the model: each must have its class, and a class
+    registered under a name the config does not declare fails at import."""
+    assert {f: r.names() for f, r in REGISTRIES.items()} == {f: sorted(k) for f, k in KINDS.items()}
+    with pytest.raises(KeyError, match="not declared"):
+        ATTENTION.register("undeclared")
 
 
 def _real_outputs(out, batch):

@@ -23,8 +23,8 @@ def cfg_field(
 ) -> Any:
     """A dataclass field with a docstring (``doc``) and optional checks.
 
-    ``registry`` names a registry family (see `mmt.model.registry.REGISTRIES`): the value must be one of its keys,
-    which keeps the config and the registered implementations from drifting apart.
+    ``registry`` names a registry family: the value must be one of the names `mmt.config.kinds.KINDS` declares for
+    it, which `mmt.model.registry` holds the registered implementations to.
     """
     meta = {"doc": doc, "choices": choices, "registry": registry, "ge": ge, "gt": gt, "le": le}
     if default_factory is not MISSING:

@@ -6,13 +6,7 @@ import dataclasses
 from typing import Any
 
 from mmt.config.errors import ConfigError
-
-
-def _registry_names(family: str) -> list[str]:
-    # Imported here: the model package imports the config package, not the other way round.
-    from mmt.model.registry import REGISTRIES
-
-    return REGISTRIES[family].names()
+from mmt.config.kinds import KINDS
 
 
 def validate(obj: Any, source: str, prefix: str = "") -> None:
@@ -30,7 +24,7 @@ def validate(obj: Any, source: str, prefix: str = "") -> None:
             continue
         allowed = meta.get("choices")
         if meta.get("registry"):
-            allowed = tuple(_registry_names(meta["registry"]))
+            allowed = tuple(sorted(KINDS[meta["registry"]]))
         if allowed is not None and value not in allowed:
             raise ConfigError(source, key, f"{value!r} is not one of {list(allowed)}")
         for bound, ok, word in (

@@ -22,6 +22,9 @@ from mmt.config.model import MultiModalConfig
 from mmt.config.root import Config
 from mmt.data.build.inputs import InputRecord, read_inputs
 from mmt.data.build.process import ProcessOptions, process_record
+from mmt.data.codec import build_codec
+from mmt.data.indexed import _seed_words
+from mmt.model.factory import load_model_config
 
 
 def read_records(path: str, media_root: str = "") -> list[InputRecord]:
@@ -97,10 +100,6 @@ class AnnotationDataset(Dataset):
         seed: int = 0,
         answer_vocab: Sequence[str] | None = None,
     ) -> None:
-        from mmt.data.indexed import _seed_words
-        from mmt.data.loader import build_codec
-        from mmt.model.factory import load_model_config
-
         if isinstance(config, Config):
             cfg = Config(model=config.model, data=config.data, train=config.train)
         else:

@@ -1,4 +1,5 @@
-"""``create_model_and_transforms`` and ``get_tokenizer``: a trained model and its preprocessing, open_clip style.
+"""``create_model``, ``create_model_and_transforms`` and ``get_tokenizer``: a model with its preprocessing, open_clip
+style.
 
 Weights come from an ``mmt ckpt convert`` export (safetensors + ``config.yaml``) or straight from a training run
 (its folder, ``checkpoints/`` or one ``step_*`` tag: DeepSpeed ZeRO 0-3 shards read by `mmt.ckpt.ZeroCheckpoint`,
@@ -10,16 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from mmt.ckpt.layout import CheckpointError
+from mmt.ckpt.pretrained import load_pretrained
+from mmt.ckpt.reader import ZeroCheckpoint
 from mmt.config.data import DataConfig
 from mmt.config.model import MultiModalConfig
+from mmt.config.root import Config
 from mmt.inference.preprocess import Preprocess
+from mmt.model import factory
 from mmt.model.multimodal import MultiModalModel
 
 EXPORT_META = "mmt_export.json"
@@ -47,16 +54,12 @@ def read_source(pretrained: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     if not p.exists():
         raise CheckpointError(f"{p}: no such export or checkpoint")
     if _is_export(p):
-        import yaml
-
         folder = p if p.is_dir() else p.parent
         meta_file = folder / EXPORT_META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         cfg_file = folder / "config.yaml"
         model_cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
         return model_cfg, meta.get("train_config"), ("export", p)
-    from mmt.ckpt.reader import ZeroCheckpoint
-
     ck = ZeroCheckpoint(p)
     run = ck.config or {}
     return run.get("model"), run or None, ("zero", ck)
@@ -66,8 +69,6 @@ def load_weights(model: MultiModalModel, reader: Any, source: str) -> None:
     """Strict load; a mismatch is one `CheckpointError` line naming the file and what differs."""
     kind, obj = reader
     if kind == "export":
-        from mmt.ckpt.pretrained import load_pretrained
-
         load_pretrained(model, obj)
         return
     state = model.state_dict()
@@ -93,6 +94,16 @@ def load_weights(model: MultiModalModel, reader: Any, source: str) -> None:
             state[k].copy_(t.to(state[k].dtype))
 
 
+def create_model(
+    config: MultiModalConfig | Config | dict | str | os.PathLike, overrides: Sequence[str] = ()
+) -> MultiModalModel:
+    """`mmt.model.factory.create_model` (fresh weights) with the preprocessing for raw inputs attached (default data
+    settings), so ``model(text_inputs="a photo", image_features="x.jpg")`` works: the public ``mmt.create_model``."""
+    model = factory.create_model(config, overrides)
+    model.preprocess = Preprocess(model.cfg)
+    return model
+
+
 def create_model_and_transforms(
     name_or_path: str | os.PathLike | None = None,
     pretrained: str | os.PathLike | None = None,
@@ -107,8 +118,6 @@ def create_model_and_transforms(
     ``.safetensors`` file) or a training run / checkpoint folder. Passing only an export or run folder as
     ``name_or_path`` means both. A config that does not fit the weights raises `CheckpointError`.
     """
-    from mmt.model.factory import create_model
-
     if pretrained is None and name_or_path is not None and Path(name_or_path).is_dir():
         pretrained, name_or_path = name_or_path, None
     model_dict: dict[str, Any] | None = None
@@ -117,10 +126,10 @@ def create_model_and_transforms(
     if pretrained is not None:
         model_dict, run, reader = read_source(pretrained)
     if name_or_path is not None:
-        model = create_model(name_or_path, overrides or [])
+        model = factory.create_model(name_or_path, overrides or [])
         source = str(name_or_path)
     elif model_dict is not None:
-        model = create_model(_structured(MultiModalConfig, model_dict), overrides or [])
+        model = factory.create_model(_structured(MultiModalConfig, model_dict), overrides or [])
         source = f"recorded with {pretrained}"
     else:
         raise ValueError(f"{pretrained}: no model config recorded there; pass a model name or config file")
@@ -139,7 +148,5 @@ def get_tokenizer(name_or_path: str | os.PathLike) -> Any:
         cfg = _structured(MultiModalConfig, model_dict)
         data = _structured(DataConfig, (run or {}).get("data"))
     else:
-        from mmt.model.factory import load_model_config
-
-        cfg, data = load_model_config(name_or_path), DataConfig()
+        cfg, data = factory.load_model_config(name_or_path), DataConfig()
     return Preprocess(cfg, data).text

@@ -1,6 +1,6 @@
 """Raw text / images / audio -> the model's forward inputs, through the training pipeline's own pieces.
 
-`Preprocess` is built by `mmt.data.loader.build_codec` for evaluation (no augmentation) and pads with its
+`Preprocess` is built by `mmt.data.codec.build_codec` for evaluation (no augmentation) and pads with its
 `Collator`, so a sample read from a shard and the same sample given as a file or a string reach the model as
 identical tensors (tested). The data settings (image mean/std, text length, audio rate...) are those of the run
 that trained the weights when they are known.
@@ -20,6 +20,8 @@ from PIL import Image
 from mmt.config.data import DataConfig
 from mmt.config.model import MultiModalConfig
 from mmt.config.root import Config
+from mmt.data.codec import build_codec
+from mmt.data.samples import Collator
 from mmt.inference.media import InputError, Waveform, load_audio, load_image
 
 _PATH = (str, os.PathLike)
@@ -45,9 +47,6 @@ class Preprocess:
     """Callable like open_clip's ``preprocess`` (one PIL image -> (C, H, W)); `batch` makes forward kwargs."""
 
     def __init__(self, model_cfg: MultiModalConfig, data_cfg: DataConfig | None = None) -> None:
-        from mmt.data.loader import build_codec
-        from mmt.data.samples import Collator
-
         self.model_cfg = model_cfg
         self.data_cfg = data_cfg or DataConfig()
         cfg = Config(model=model_cfg, data=self.data_cfg)

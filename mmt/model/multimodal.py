@@ -48,8 +48,9 @@ class MultiModalModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.modalities = cfg.modalities()
-        # Turns raw inputs into tensors exactly as the training data pipeline does (`mmt.inference.Preprocess`);
-        # set by `mmt.create_model_and_transforms` with the training run's data settings, else made on first use.
+        # Turns raw inputs into tensors exactly as the training data pipeline does (`mmt.inference.Preprocess`):
+        # set by the inference layer (`mmt.create_model`, `mmt.create_model_and_transforms`); the model itself
+        # knows nothing of decoding files or tokenizing.
         self.preprocess: Any = None
         if not self.modalities:
             raise ValueError(
@@ -111,9 +112,10 @@ class MultiModalModel(nn.Module):
         """Forward kwargs from raw inputs: ``str | list[str]``, PIL images or image paths, numpy waveforms (at
         ``model.audio.sample_rate``), `mmt.Waveform` or audio paths; on the model's device."""
         if self.preprocess is None:
-            from mmt.inference.preprocess import Preprocess
-
-            self.preprocess = Preprocess(self.cfg)
+            raise ValueError(
+                "raw inputs need the model's preprocessing: build it with mmt.create_model or "
+                "mmt.create_model_and_transforms, or set model.preprocess = mmt.inference.Preprocess(model.cfg)"
+            )
         device = next(self.parameters()).device
         return {k: v.to(device) for k, v in self.preprocess.batch(text, image, audio).items()}
 

@@ -1,13 +1,17 @@
 """Small explicit registries keyed by name: one per family of interchangeable parts.
 
-A config field declares ``registry="attention"``; the validator checks the value against the keys here, and the
-model asks the registry for the class. Adding a variant is one decorated class.
+A config field declares ``registry="attention"``; the config layer checks the value against the names it declares
+for that family (`mmt.config.kinds.KINDS`), and the model asks the registry here for the class. Registering a name
+the config does not declare fails at import. The registering modules are imported by ``mmt/model/__init__.py``, so
+every registry is full as soon as anything in `mmt.model` is imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from mmt.config.kinds import KINDS
 
 T = TypeVar("T")
 
@@ -18,6 +22,11 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if name not in KINDS[self.family]:
+            raise KeyError(
+                f"{self.family} {name!r} is not declared in mmt.config.kinds.KINDS[{self.family!r}]"
+            )
+
         def deco(obj: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.family} {name!r} is registered twice")
@@ -27,19 +36,15 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        if name not in self._items:
-            _load_all()
         try:
             return self._items[name]
         except KeyError:
             raise KeyError(f"unknown {self.family} kind {name!r}; registered: {self.names()}") from None
 
     def names(self) -> list[str]:
-        _load_all()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _load_all()
         return name in self._items
 
 
@@ -51,13 +56,3 @@ FUSION: Registry[type] = Registry("fusion")
 POOLING: Registry[type] = Registry("pooling")
 
 REGISTRIES: dict[str, Registry] = {r.family: r for r in (ATTENTION, POSITIONAL, FFN, NORM, FUSION, POOLING)}
-
-
-def _load_all() -> None:
-    """Import the modules whose decorators fill the registries (idempotent)."""
-    import mmt.model.attention  # noqa: F401
-    import mmt.model.ffn  # noqa: F401
-    import mmt.model.fusion  # noqa: F401
-    import mmt.model.norms  # noqa: F401
-    import mmt.model.pooling  # noqa: F401
-    import mmt.model.positional  # noqa: F401
