@@ -18,12 +18,10 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmt.ckpt.layout import CheckpointError
 from mmt.config.errors import ConfigError
 
 TESTED_SERIES = (
@@ -209,19 +207,19 @@ def patch_ds_to_universal() -> Any:
     return ds
 
 
-def fix_zero3_universal_load(engine: Any, saved_optimizer_state: dict[str, Any], source: Path) -> None:
+def fix_zero3_universal_load(engine: Any, saved_optimizer_state: dict[str, Any]) -> None:
     """zero3_universal_param_groups: after ``engine.load_checkpoint`` of a universal checkpoint under ZeRO-3, give
     each param group its saved hyper-parameters back and each sub-group its own copy of its saved Adam step.
 
-    ``saved_optimizer_state``: the universal checkpoint's ``zero/optimizer_state.pt`` (``source``, named in
-    errors)."""
+    ``saved_optimizer_state``: the universal checkpoint's ``zero/optimizer_state.pt``. A saved run grouped
+    differently raises ValueError (the checkpoint package names the file)."""
     check_version()
     saved = saved_optimizer_state.get("param_groups")
     zero_opt = engine.optimizer
     groups = zero_opt.optimizer.param_groups
     if not saved or len(saved) != len(groups):
-        raise CheckpointError(
-            f"{source}: {len(saved or [])} optimizer param group(s) saved, this run has {len(groups)}: "
+        raise ValueError(
+            f"{len(saved or [])} optimizer param group(s) saved, this run has {len(groups)}: "
             "the parameter grouping (e.g. weight-decay split) must match the saved run"
         )
     for group, old in zip(groups, saved):

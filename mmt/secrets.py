@@ -119,15 +119,6 @@ def redact(obj: Any, patterns: tuple[str, ...], key: str = "") -> Any:
     return obj
 
 
-def redacted_config(cfg: Any) -> dict[str, Any]:
-    """The config as a dict, safe to log, save next to the run or print (patterns from ``tracking.redact_keys``)."""
-    from mmt.config.loader import to_dict
-
-    d = to_dict(cfg)
-    spec = d.get("tracking", {}).get("redact_keys", DEFAULT_SECRET_KEYS)
-    return redact(d, secret_patterns(spec))
-
-
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
     """``http://u:p@host`` -> ``("http://host", "u", "p")``; no user-info -> ``(uri, None, None)``."""
     m = _USERINFO.match(uri)

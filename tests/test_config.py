@@ -35,7 +35,7 @@ def test_list_keys_take_lists_or_comma_strings(tmp_path):
     (command line or file) splits, taken as typed (``*FOO*`` is not a YAML alias); MLflow params show lists as
     that comma string; a list where slurm.env wants NAME: value pairs is an error naming the key."""
     from mmt.config import flatten
-    from mmt.config.secrets import redacted_config
+    from mmt.config.loader import redacted_config
 
     run = _write(tmp_path / "run.yaml", "tracking: {tags: 'team=vision, ci=1'}\n")
     cfg = load_config(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmt.config.secrets import REDACTED, redact_url, split_userinfo
+from mmt.secrets import REDACTED, redact_url, split_userinfo
 from mmt.slurm.job import plan_job, write_job
 from mmt.tracking.runs_cli import main as runs_main
 from tests.fixtures_mlflow import _stop, start_mlflow_server
@@ -153,7 +153,8 @@ def test_slurm_submit_keeps_secrets_in_the_0600_env_file(tmp_path, monkeypatch, 
 def test_errors_never_show_a_secret_value(tmp_path, capsys):
     """A refused value for a secret-named key, URL user-info in a bad value or a shard URL: one line, exit 2,
     `***` in the secret's place."""
-    from mmt.cli import error_line, main
+    from mmt.cli import main
+    from mmt.cliargs import error_line
     from mmt.config.named import CONFIG_DIR
     from mmt.data.faults import DataError
 

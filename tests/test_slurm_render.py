@@ -247,7 +247,7 @@ def test_template_language():
 
 
 def test_standin_matches_trainer_contract():
-    from mmt.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+    from mmt.config.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
     assert (slurm_standin.PREEMPTED_EXIT_CODE, slurm_standin.PREEMPTED_MARKER) == (
         PREEMPTED_EXIT_CODE,

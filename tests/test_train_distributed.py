@@ -17,7 +17,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mmt.training.preemption import PREEMPTED_EXIT_CODE, exited_due_to_preemption
+from mmt.config.preemption import PREEMPTED_EXIT_CODE
+from mmt.training.preemption import exited_due_to_preemption
 from tests.fixtures_train import (
     ACCUM_STEPS,
     EVAL_RUNS,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mmt.ckpt.layout import META_FILE, complete_tags, resolve_tag_dir
 from mmt.ckpt.manager import resume_point
 from mmt.config import ConfigError, load_config
+from mmt.config.preemption import PREEMPTED_EXIT_CODE, parse_signals
 from mmt.config.train import ScheduleConfig, TrainConfig
 from mmt.training.batching import resolve_batch
 from mmt.training.engine import build_ds_config, merge_ds_config
@@ -31,13 +32,7 @@ from mmt.training.metrics import (
     vqa_accuracy_from_scores,
 )
 from mmt.training.optim import lr_lambda, no_decay_names
-from mmt.training.preemption import (
-    PREEMPTED_EXIT_CODE,
-    PreemptionFlag,
-    exited_due_to_preemption,
-    parse_signals,
-    write_marker,
-)
+from mmt.training.preemption import PreemptionFlag, exited_due_to_preemption, write_marker
 from mmt.training.telemetry import DataWaitClock, StepMeter
 from tests.fixtures_train import TINY_TRI
 

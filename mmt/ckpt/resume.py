@@ -157,7 +157,10 @@ def load_for_resume(engine: Any, plan: ResumePlan, **load_kwargs: Any) -> dict[s
         raise CheckpointError(f"{plan.load_dir / plan.tag}: DeepSpeed found no checkpoint files to load")
     if plan.load_universal and plan.zero_stage == 3:
         path = plan.load_dir / plan.tag / "zero" / "optimizer_state.pt"
-        fix_zero3_universal_load(engine, load_pt(path, mmap=False), path)
+        try:
+            fix_zero3_universal_load(engine, load_pt(path, mmap=False))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     step = mmt_client_state(client).get("step", engine.global_steps)
     if int(step) != plan.step or int(engine.global_steps) != plan.step:
         raise CheckpointError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mmt.secrets import redact_error_text
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message never shows a secret: a value given for a secret-named key
@@ -9,8 +11,6 @@ class ConfigError(ValueError):
     are URL user-info (``s3://key:secret@bucket``) and secret ``KEY=value`` pairs anywhere in it."""
 
     def __init__(self, source: str, key: str, message: str) -> None:
-        from mmt.config.secrets import redact_error_text
-
         source, message = redact_error_text(source), redact_error_text(message, key)
         self.source, self.key, self.message = source, key, message
         super().__init__(f"{source}: {key}: {message}")

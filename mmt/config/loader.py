@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +23,8 @@ from mmt.config.errors import ConfigError
 from mmt.config.model import MultiModalConfig
 from mmt.config.named import resolve_config
 from mmt.config.root import Config
-from mmt.config.secrets import redact_override
 from mmt.config.validate import validate
+from mmt.secrets import DEFAULT_SECRET_KEYS, redact, redact_override, secret_patterns
 
 T = TypeVar("T")
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -77,8 +78,6 @@ def _expand_includes(
 
 def _section_type(schema: type, name: str) -> type | None:
     """The dataclass type of field ``name`` of ``schema`` (unwrapping ``X | None``), or None for a leaf."""
-    import typing
-
     hints = typing.get_type_hints(schema)
     tp = hints.get(name)
     for arg in (*typing.get_args(tp), tp):
@@ -92,8 +91,6 @@ def _comma_lists(data: Any, schema: type, source: str, prefix: str = "") -> Any:
     on the command line (or in a file) means the list ``[SIGTERM, SIGUSR1]``. A list where a mapping of strings
     belongs (``slurm.env``) is a `ConfigError` naming the key (OmegaConf would fail with a bare TypeError or keep
     the list as the value of a ``dict[str, str]``)."""
-    import typing
-
     if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
         return data
     hints = typing.get_type_hints(schema)
@@ -114,8 +111,6 @@ def _comma_lists(data: Any, schema: type, source: str, prefix: str = "") -> Any:
 
 def _is_list_field(schema: type, dotted_key: str) -> bool:
     """Whether ``dotted_key`` (``train.preempt_signals``) names a ``list`` field of ``schema``."""
-    import typing
-
     *path, leaf = dotted_key.split(".")
     for name in path:
         schema = _section_type(schema, name)  # type: ignore[assignment]
@@ -240,8 +235,13 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically, secrets shown as ``***`` (`mmt.config.secrets`): the file
+    """Write the resolved config as YAML atomically, secrets shown as ``***`` (`mmt.secrets`): the file
     sits in run folders and is logged to MLflow. `load_config` reads everything else back equal."""
-    from mmt.config.secrets import redacted_config
-
     return atomic_write_text(path, yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+
+
+def redacted_config(cfg: Any) -> dict[str, Any]:
+    """The config as a dict, safe to log, save next to the run or print (patterns from ``tracking.redact_keys``)."""
+    d = to_dict(cfg)
+    spec = d.get("tracking", {}).get("redact_keys", DEFAULT_SECRET_KEYS)
+    return redact(d, secret_patterns(spec))

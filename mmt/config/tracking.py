@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmt.config.fields import cfg_field
-from mmt.config.secrets import DEFAULT_SECRET_KEYS
+from mmt.secrets import DEFAULT_SECRET_KEYS
 
 
 @dataclass

@@ -8,6 +8,7 @@ still be merged on top, with conflicts reported.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 from mmt.config.errors import ConfigError
@@ -199,7 +200,6 @@ class TrainConfig:
             )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(source, f"{prefix}offload_optimizer", "needs train.zero_stage >= 1 (got 0)")
-        import signal
 
         for name in (x.strip().upper() for x in self.preempt_signals if x.strip()):
             if not hasattr(signal, name if name.startswith("SIG") else "SIG" + name):

@@ -8,10 +8,18 @@ import logging
 import os
 import re
 import sys
+import tempfile
 
 from mmt.cliargs import ArgumentParser
+from mmt.data import storage
+from mmt.data.build.builder import BuildOptions, build_shards
+from mmt.data.build.demo import build_demo, build_demo_annotations
+from mmt.data.build.inputs import InputError
 from mmt.data.build.process import TASKS, ProcessOptions
 from mmt.data.media import RESIZE_MODES
+from mmt.data.schema import INDEX_SUFFIX
+from mmt.data.stats import format_stats, shard_stats
+from mmt.data.tarindex import scan_file
 
 
 def parse_bytes(text: str) -> int:
@@ -55,9 +63,6 @@ def _build_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from mmt.data.build.builder import BuildOptions, build_shards
-    from mmt.data.build.inputs import InputError
-
     opts = BuildOptions(
         input=args.input,
         out=args.out,
@@ -102,9 +107,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from mmt.data import storage
-    from mmt.data.stats import format_stats, shard_stats
-
     urls = storage.expand(args.url)
     if not urls:
         print(f"mmt shards stats: {args.url!r} names no shard", file=sys.stderr)
@@ -123,9 +125,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mmt.data import storage
-    from mmt.data.build.demo import build_demo
-
     if not 0.0 < args.val_fraction < 1.0:
         print(
             f"mmt shards demo: --val-fraction {args.val_fraction}: expected a fraction in (0, 1)",
@@ -145,7 +144,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if storage.is_remote(args.out):
             print(f"mmt shards demo: --annotations writes a local folder, not {args.out}", file=sys.stderr)
             return 2
-        from mmt.data.build.demo import build_demo_annotations
 
         info = build_demo_annotations(args.out, val_fraction=args.val_fraction, seed=args.seed)
         print(f"demo annotations: {info['train_samples']} train + {info['val_samples']} val samples")
@@ -171,12 +169,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Write ``<shard>.idx.json`` sidecars for shards made by other tools (img2dataset, ShardWriter, tar)."""
-    import tempfile
-
-    from mmt.data import storage
-    from mmt.data.schema import INDEX_SUFFIX
-    from mmt.data.tarindex import scan_file
-
     urls = storage.expand(args.url)
     if not urls:
         print(f"mmt shards index: {args.url!r} names no shard", file=sys.stderr)

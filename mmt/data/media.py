@@ -6,6 +6,7 @@ import io
 import struct
 
 import numpy as np
+import soundfile as sf
 from PIL import Image
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
@@ -99,8 +100,6 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     if plain is not None:
         wav, sr = plain
     else:
-        import soundfile as sf
-
         wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1).astype(np.float32)
     if wav.shape[0] == 0:
@@ -150,8 +149,6 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 def encode_audio(wav: np.ndarray, sr: int, fmt: str = "wav") -> bytes:
     """16-bit PCM wav or flac."""
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, np.clip(wav, -1.0, 1.0), sr, format=fmt.upper(), subtype="PCM_16")
     return buf.getvalue()

@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -53,9 +55,6 @@ def default_cache_dir() -> str:
     multi-node cluster's namespaces on one machine) still each fill their own cache: the cache cap and the
     per-node fetch counts are per node, and no cache is ever written by two nodes at once.
     """
-    import socket
-    import tempfile
-
     return os.environ.get("MMT_DATA_CACHE") or os.path.join(
         tempfile.gettempdir(), f"mmt-data-cache-{os.getuid()}-{socket.gethostname()}"
     )

@@ -11,6 +11,9 @@ import json
 from collections import Counter
 from typing import Any
 
+import soundfile as sf
+from PIL import Image
+
 from mmt.data import storage
 from mmt.data.schema import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, first_of
 from mmt.data.shards import iter_tar_samples
@@ -50,8 +53,6 @@ def _caption(sample: dict[str, Any]) -> str | None:
 
 
 def shard_stats(urls: list[str], endpoint_url: str = "", max_samples: int = 0) -> dict[str, Any]:
-    from PIL import Image
-
     totals: Counter = Counter()
     coverage: Counter = Counter()
     exts: Counter = Counter()
@@ -92,8 +93,6 @@ def shard_stats(urls: list[str], endpoint_url: str = "", max_samples: int = 0) -
                             errors.append(f"{url}: sample {sample['__key__']!r}: image: {e}")
                     if aud is not None:
                         try:
-                            import soundfile as sf
-
                             audio_seconds.append(sf.info(io.BytesIO(aud[1])).duration)
                         except Exception as e:
                             errors.append(f"{url}: sample {sample['__key__']!r}: audio: {e}")

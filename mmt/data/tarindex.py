@@ -12,6 +12,7 @@ stream of that sample.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from typing import IO
@@ -113,7 +114,5 @@ def scan_tar(fileobj: IO[bytes], size: int, url: str, max_member_bytes: int = 0)
 
 
 def scan_file(path: str, url: str | None = None, max_member_bytes: int = 0) -> ShardIndex:
-    import os
-
     with open(path, "rb") as f:
         return scan_tar(f, os.path.getsize(path), url or path, max_member_bytes)

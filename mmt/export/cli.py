@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from mmt.ckpt.layout import CheckpointError
+from mmt.config import ConfigError
+from mmt.export.exporter import ExportError, export_model
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmt export", description=__doc__)
@@ -20,10 +24,6 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-
-    from mmt.ckpt.layout import CheckpointError
-    from mmt.config import ConfigError
-    from mmt.export.exporter import ExportError, export_model
 
     towers = [t.strip() for t in args.towers.split(",") if t.strip()] or None
     try:

@@ -28,12 +28,18 @@ from typing import Any
 
 import torch
 import yaml
+from torch.export import Dim
 
 from mmt.atomic import atomic_write_text
 from mmt.ckpt.convert import _staging_dir, check_output_free, publish_dir
 from mmt.ckpt.layout import CheckpointError
+from mmt.config.data import DataConfig
 from mmt.config.loader import to_dict
+from mmt.config.model import MultiModalConfig
+from mmt.export.melspec_conv import ConvLogMel
 from mmt.export.towers import TOWERS, TowerEncoder, example_inputs
+from mmt.inference.factory import _structured, create_model_and_transforms
+from mmt.inference.preprocess import Preprocess
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 # fp32 exports compute the same graph; differences are float summation order (and, for the ONNX audio tower,
@@ -50,7 +56,6 @@ def _onnx_module(tower: TowerEncoder) -> torch.nn.Module:
     """ONNX has no complex STFT: swap the audio log-mel for its real-valued convolution form (a copy)."""
     if tower.modality != "audio" or tower.encoder.melspec is None:
         return tower
-    from mmt.export.melspec_conv import ConvLogMel
 
     tower = copy.deepcopy(tower)
     tower.encoder.melspec = ConvLogMel(tower.encoder.melspec)
@@ -60,7 +65,6 @@ def _onnx_module(tower: TowerEncoder) -> torch.nn.Module:
 def _dynamic(tower: TowerEncoder, max_len: int) -> tuple[dict[str, dict[int, str]], tuple[Any, ...]]:
     names = tower.input_names()
     axes = {n: ({0: "batch", 1: "length"} if tower.modality == "text" else {0: "batch"}) for n in names}
-    from torch.export import Dim
 
     batch = Dim("batch", min=1, max=4096)
     if tower.modality == "text":
@@ -142,11 +146,6 @@ class LoadedExport:
     """An export folder: its towers, preprocessing and metadata (`load_export`)."""
 
     def __init__(self, path: Path) -> None:
-        from mmt.config.data import DataConfig
-        from mmt.config.model import MultiModalConfig
-        from mmt.inference.factory import _structured
-        from mmt.inference.preprocess import Preprocess
-
         self.path = path
         self.meta = json.loads((path / "export.json").read_text())
         pre = json.loads((path / "preprocess.json").read_text())
@@ -191,8 +190,6 @@ def export_model(
 ) -> dict[str, Any]:
     """Export ``source`` (an ``mmt ckpt convert`` folder or a training run / checkpoint) to ``out``; returns
     the ``export.json`` content."""
-    from mmt.inference.factory import create_model_and_transforms
-
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if quantize not in ("", "int8"):

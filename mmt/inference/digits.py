@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
+from mmt.data import media
 from mmt.data.build.demo import TEMPLATES, WORDS
 from mmt.data.shards import iter_tar_samples
 from mmt.data.storage import expand
@@ -29,10 +32,6 @@ Encode = Callable[[str, list[Any]], torch.Tensor]
 
 def held_out_digits(val_urls: str) -> tuple[list[Image.Image], list[Waveform], torch.Tensor]:
     """Images, waveforms and labels of the demo's validation shards, decoded as the loader decodes them."""
-    import soundfile as sf
-
-    from mmt.data import media
-
     images, waves, labels = [], [], []
     for url in expand(val_urls):
         with open(url, "rb") as f:
@@ -62,6 +61,4 @@ def digit_zero_shot(
 
 def val_urls_of(run_dir: str | Path) -> str:
     """The held-out shards a demo run evaluated on (from its saved config)."""
-    import yaml
-
     return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["data"]["val_urls"]

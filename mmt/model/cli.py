@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+
 from mmt.cliargs import ArgumentParser
+from mmt.config import ConfigError
+from mmt.model.factory import create_model
 
 
 def main(argv: list[str]) -> int:
@@ -17,11 +21,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the model section")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from mmt.config import ConfigError
-    from mmt.model.factory import create_model
 
     try:
         with torch.device("meta"):  # sizes only: no memory for the weights

@@ -17,6 +17,9 @@ import sys
 
 from mmt.cliargs import ArgumentParser
 from mmt.config import ConfigError
+from mmt.slurm.job import parse_sweeps, plan_job
+from mmt.slurm.scontrol import wait_for_jobs
+from mmt.slurm.submit import submit
 from mmt.slurm.template import TemplateError
 
 # flag -> slurm.* key; values are passed as YAML strings, except these integers.
@@ -88,8 +91,6 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from mmt.slurm.job import parse_sweeps, plan_job
-
     plan = plan_job(
         args.config,
         [*args.overrides, *_flag_overrides(args)],
@@ -99,7 +100,6 @@ def _submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(plan.script)
         return 0
-    from mmt.slurm.submit import submit
 
     job_id = submit(plan)
     print(f"submitted job {job_id}: {plan.script_path}")
@@ -110,8 +110,6 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from mmt.slurm.scontrol import wait_for_jobs
-
     if not re.fullmatch(r"\d+(_\d+)?", args.job_id):
         print(
             f"mmt slurm wait: {args.job_id!r} is not a Slurm job id (digits, or JOB_TASK for an array task)",

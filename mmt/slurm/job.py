@@ -15,7 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmt.config import Config, ConfigError, load_config
+from mmt.atomic import atomic_write_text
+from mmt.config import Config, ConfigError, load_config, save_config
+from mmt.config.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, parse_signals
+from mmt.secrets import PASSWORD_ENV, REDACTED, USERNAME_ENV, redact, secret_patterns, split_userinfo
 from mmt.slurm.template import render
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("job.sbatch.tmpl")  # package data; slurm/ links to it
@@ -82,8 +85,6 @@ def _slug(text: str) -> str:
 
 def _forced_overrides(cfg: Config, source: str) -> list[str]:
     """What a Slurm job must set: resume from its own newest checkpoint, handle the configured signal."""
-    from mmt.training.preemption import parse_signals
-
     out = []
     if cfg.train.resume not in ("", "auto"):
         raise ConfigError(
@@ -135,8 +136,6 @@ def expand_members(
 def job_environment(members: list[Member]) -> dict[str, str]:
     """What every rank exports: ``slurm.env``, plus the user-info of ``tracking.uri`` as MLflow's credential
     variables (the saved configs show that URI as ``***@``). Secrets, so they go to the 0600 ``job.env``."""
-    from mmt.config.secrets import PASSWORD_ENV, REDACTED, USERNAME_ENV, split_userinfo
-
     env = dict(members[0].config.slurm.env)
     for m in members:
         _, user, password = split_userinfo(m.config.tracking.uri)
@@ -156,8 +155,6 @@ def template_values(
     members: list[Member], job_dir: Path, workdir: Path, job_name: str, env: dict[str, str]
 ) -> dict[str, object]:
     """Everything the template needs, from the (shared) `slurm` section of the members' configs."""
-    from mmt.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
-
     first = members[0].config
     s = first.slurm
     for m in members[1:]:
@@ -233,8 +230,6 @@ def plan_job(
 
 
 def _redact_override(override: str, cfg: Config) -> str:
-    from mmt.config.secrets import redact, secret_patterns
-
     key, sep, value = override.partition("=")
     return f"{key}{sep}{redact({key: value}, secret_patterns(cfg.tracking.redact_keys))[key]}"
 
@@ -242,9 +237,6 @@ def _redact_override(override: str, cfg: Config) -> str:
 def write_job(plan: JobPlan) -> Path:
     """Write each member's resolved config (secrets redacted) into its run directory, the script (and
     sweep.json) atomically, and the job's environment to ``job.env``, readable by its owner only."""
-    from mmt.atomic import atomic_write_text
-    from mmt.config import save_config
-
     for m in plan.members:
         save_config(m.config, m.config_path)
     if plan.is_array:

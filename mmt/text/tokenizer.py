@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from tokenizers import Tokenizer as HFTokenizer
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -45,8 +47,6 @@ class JsonTokenizer:
     """A Hugging Face ``tokenizers`` JSON file given by path (never fetched from a hub)."""
 
     def __init__(self, path: str | Path, pad: str = "<pad>", bos: str = "<s>", eos: str = "</s>") -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")

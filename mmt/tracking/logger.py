@@ -16,6 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm import tqdm
+
+from mmt.secrets import PASSWORD_ENV, USERNAME_ENV, redact, redact_url
+
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
@@ -25,8 +29,6 @@ class TrackingError(Exception):
 
 def describe_tracking_error(message: str, uri: str) -> str:
     """One line for an MLflow failure at ``uri``: what went wrong and what to set, credentials never shown."""
-    from mmt.config.secrets import PASSWORD_ENV, USERNAME_ENV, redact_url
-
     where = f"MLflow at {redact_url(uri)}"
     if "error code 401" in message:
         user = os.environ.get(USERNAME_ENV)
@@ -108,8 +110,6 @@ class ConsoleLogger(NullLogger):
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         line = format_metrics(metrics, step, self.total_steps)
         try:
-            from tqdm import tqdm
-
             tqdm.write(line, file=self.stream)
         except ImportError:  # pragma: no cover - tqdm is a dependency
             print(line, file=self.stream, flush=True)
@@ -141,12 +141,10 @@ class JsonlLogger(NullLogger):
 
 
 class RedactingLogger:
-    """Passes everything on with secrets replaced (`mmt.config.secrets.redact`): params and tags by key pattern
+    """Passes everything on with secrets replaced (`mmt.secrets.redact`): params and tags by key pattern
     and URL user-info, string metric values by URL user-info. The one door to every backend on rank 0."""
 
     def __init__(self, inner: Logger, patterns: tuple[str, ...]) -> None:
-        from mmt.config.secrets import redact
-
         self.inner, self.patterns, self._redact = inner, patterns, redact
 
     @property

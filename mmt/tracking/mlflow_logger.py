@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmt.config.secrets import tracking_credentials
+from mmt.secrets import tracking_credentials
 from mmt.tracking.logger import FAILED, FINISHED, TrackingError, describe_tracking_error
 from mmt.tracking.uri import resolve_tracking_uri
 

@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from mmt.secrets import tracking_credentials
+
 # Tags written by `mmt train` (see the MLflow conventions in the README's training section).
 TAG_RUN_DIR = "mmt.run_dir"
 TAG_CHECKPOINT_DIR = "mmt.checkpoint_dir"
@@ -40,7 +42,6 @@ def open_client(uri: str) -> MlflowClient:
                 f"no MLflow store at {path} (tracking URI {uri}); "
                 "set MLFLOW_TRACKING_URI or pass --tracking-uri to point at the runs"
             )
-    from mmt.config.secrets import tracking_credentials
 
     return MlflowClient(tracking_uri=tracking_credentials(uri))  # user-info -> MLFLOW_TRACKING_* variables
 

@@ -19,7 +19,9 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from mmt.cliargs import ArgumentParser
-from mmt.config.secrets import redact_url
+from mmt.secrets import redact_url
+from mmt.tracking import runs_plot
+from mmt.tracking.logger import describe_tracking_error
 from mmt.tracking.runs import (
     DEFAULT_METRIC_CAP,
     TAG_CHECKPOINT_DIR,
@@ -192,7 +194,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     else:
         runs = get_runs(client, list(dict.fromkeys(args.run_ids)))
     # validate plot options before the (slow) history requests
-    from mmt.tracking import runs_plot
 
     size = runs_plot.parse_size(args.plot_size) if args.plot_size else None
     if not 0.0 <= args.smooth < 1.0:
@@ -325,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmt runs {args.command}: error: {e}", file=sys.stderr)
         return 2
     except MlflowException as e:
-        from mmt.tracking.logger import describe_tracking_error
-
         uri = resolve_tracking_uri(args.tracking_uri)
         print(f"mmt runs {args.command}: {describe_tracking_error(e.message, uri)}", file=sys.stderr)
         return 2

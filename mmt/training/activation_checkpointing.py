@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmt.model.block import TransformerBlock
+
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Wrap every TransformerBlock's forward in place; returns how many blocks were wrapped."""
-    from mmt.model.block import TransformerBlock
-
     n = 0
     for module in model.modules():
         if isinstance(module, TransformerBlock) and not getattr(module, "_mmt_checkpointed", False):

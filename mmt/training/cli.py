@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from mmt.cliargs import ArgumentParser
+from mmt.cliargs import ArgumentParser, run_command
 from mmt.config import load_config
+from mmt.training.evaluation_run import evaluate_checkpoint
+from mmt.training.trainer import train
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -37,15 +40,12 @@ def _split_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def train_main(argv: list[str] | None = None) -> int:
     """Train; exit code 0 when done, `PREEMPTED_EXIT_CODE` after a preemption save, 2 for bad input (one line)."""
-    from mmt.cli import run_command
-
     return run_command("train", _train, sys.argv[1:] if argv is None else argv)
 
 
 def _train(argv: list[str]) -> int:
     args, extra = _parser("mmt train", "Train a multimodal model.").parse_known_args(argv)
     cfg = load_config(args.config, _split_overrides(args, extra))
-    from mmt.training.trainer import train
 
     result = train(cfg, source=args.config)
     if result.exit_code == 0 and _is_rank0():
@@ -62,15 +62,11 @@ def _train(argv: list[str]) -> int:
 
 
 def _is_rank0() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint on ``data.val_urls``; prints the metrics as JSON (rank 0); 2 for bad input."""
-    from mmt.cli import run_command
-
     return run_command("eval", _eval, sys.argv[1:] if argv is None else argv)
 
 
@@ -90,7 +86,6 @@ def _eval(argv: list[str]) -> int:
     )
     args, extra = p.parse_known_args(argv)
     cfg = load_config(args.config, _split_overrides(args, extra))
-    from mmt.training.evaluation_run import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         cfg,

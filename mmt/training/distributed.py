@@ -9,13 +9,18 @@ CUDA (nccl). `setup_distributed` initialises the process group only when nobody 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
+import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import register_rendezvous_handler
 
 from mmt.ds_compat import reset_comm_backend
 
@@ -156,8 +161,6 @@ RDZV_SCHEME = "mmt-env"
 def _rendezvous_url(timeout_s: int) -> str:
     """An ``init_method`` for torch's env:// rendezvous whose wait is bounded by ``timeout_s`` (torch bounds it by
     the collective timeout); torch then sets the store's timeout to the collective one."""
-    from torch.distributed.rendezvous import register_rendezvous_handler
-
     with contextlib.suppress(RuntimeError):  # registered by an earlier run in this process
         register_rendezvous_handler(RDZV_SCHEME, _env_rendezvous)
     return f"{RDZV_SCHEME}://?rdzv_timeout_s={timeout_s}"
@@ -166,8 +169,6 @@ def _rendezvous_url(timeout_s: int) -> str:
 def _env_rendezvous(url: str, timeout: timedelta = timedelta(minutes=10), **kwargs):
     """Rank 0 hosts the store on MASTER_ADDR:MASTER_PORT and waits for WORLD_SIZE ranks (under torchrun the agent
     hosts it); one clear error names the bound when a rank does not come (a lost node, a wrong MASTER_ADDR)."""
-    from urllib.parse import parse_qs, urlparse
-
     limit = int(parse_qs(urlparse(url).query)["rdzv_timeout_s"][0])
     env = os.environ
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -211,9 +212,6 @@ def _export(env: DistEnv) -> None:
 def _default_extensions_dir() -> None:
     """Keep DeepSpeed's JIT-built ops beside the venv (launch/env.sh does the same) so they build once."""
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        import sys
-        from pathlib import Path
-
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
@@ -243,8 +241,6 @@ def destroy_process_groups() -> None:
     what that left, so those group destructors join their threads here. (One group's threads were still seen
     after this; what holds it is not identified.)
     """
-    import gc
-
     try:
         import deepspeed.comm as ds_dist
 

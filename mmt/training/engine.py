@@ -23,7 +23,9 @@ from torch import nn
 
 from mmt.config import ConfigError
 from mmt.config.train import TrainConfig
+from mmt.ds_compat import patch_deepspeed
 from mmt.training.batching import BatchPlan
+from mmt.training.engine_tuning import skip_single_rank_allreduce
 from mmt.training.optim import make_scheduler_factory, param_groups
 
 
@@ -86,8 +88,6 @@ def initialize(
     `mmt.ds_compat`."""
     import deepspeed
 
-    from mmt.ds_compat import patch_deepspeed
-
     patch_deepspeed()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model_parameters, config=ds_config, lr_scheduler=lr_scheduler
@@ -100,8 +100,6 @@ def initialize_for_training(
 ) -> Any:
     """The engine of a training run: AdamW's two parameter groups (no decay on norms, biases, embeddings) and,
     with ``total_steps``, mmt's warmup + cosine schedule (None: DeepSpeed keeps the lr constant)."""
-    from mmt.training.engine_tuning import skip_single_rank_allreduce
-
     scheduler = make_scheduler_factory(train.schedule, total_steps) if total_steps is not None else None
     engine = initialize(
         model,

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmt.inference.zero_shot import fill, zero_shot_accuracy
+from mmt.text import build_tokenizer
 from mmt.training.distributed import any_rank, gather_objects
 from mmt.training.inputs import FEATURE_KEY, MASK_KEY
 from mmt.training.losses import caption_loss, clip_pair_loss
@@ -153,9 +155,6 @@ def _zero_shot(engine: Any, task: Task, rows: list[dict[str, Any]], device: torc
     t, m_cfg = task.train_cfg, task.model_cfg
     if not t.zero_shot_classes or "text" not in m_cfg.modalities():
         return {}
-    from mmt.inference.zero_shot import fill, zero_shot_accuracy
-    from mmt.text import build_tokenizer
-
     tok = build_tokenizer(m_cfg.text.tokenizer)
     classes, templates = t.zero_shot_classes, t.zero_shot_templates
     prompts = [
@@ -237,8 +236,6 @@ def _words(tokenizer: Any, ids: list[int]) -> list[str]:
 
 
 def captioning_metrics(engine, task, loader, device, dtype, max_batches, max_tokens) -> dict[str, float]:
-    from mmt.text import build_tokenizer
-
     tok = build_tokenizer(task.model_cfg.text.tokenizer)
     max_tokens = min(max_tokens, task.model_cfg.decoder.max_len - 1)
     rows: list[dict[str, Any]] = []

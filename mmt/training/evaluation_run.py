@@ -46,7 +46,7 @@ def log_to_run(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any]) -> No
         return
     from mlflow.tracking import MlflowClient
 
-    from mmt.config.secrets import tracking_credentials
+    from mmt.secrets import tracking_credentials
     from mmt.tracking.uri import resolve_tracking_uri
 
     client = MlflowClient(tracking_credentials(resolve_tracking_uri(cfg.tracking.uri)))

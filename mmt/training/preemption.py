@@ -14,29 +14,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmt.atomic import atomic_write_text
+from mmt.config.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from mmt.training.distributed import any_rank
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry"
-PREEMPTED_MARKER = "preempted.json"
-
-
-def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
-    """``["SIGTERM", "USR1"]`` -> signal numbers; a clear ValueError for unknown names."""
-    out = []
-    for name in (s.strip().upper() for s in names if s.strip()):
-        if not name.startswith("SIG"):
-            name = "SIG" + name
-        try:
-            out.append(signal.Signals[name])
-        except KeyError:
-            raise ValueError(f"train.preempt_signals: unknown signal {name!r}") from None
-    return out
 
 
 class PreemptionFlag:
@@ -75,8 +60,6 @@ class PreemptionFlag:
 
 
 def write_marker(run_dir: str | Path, step: int, checkpoint: str, signal_name: str) -> Path:
-    from mmt.atomic import atomic_write_text
-
     info = {
         "step": step,
         "checkpoint": checkpoint,

@@ -20,6 +20,7 @@ from typing import Any
 
 from mmt.ckpt.layout import CheckpointError, read_meta
 from mmt.ckpt.resume import ResumePlan, check_resumable
+from mmt.ckpt.universal import to_universal
 from mmt.training import distributed as D
 
 CONVERTED_DIR = ".resume-universal"
@@ -53,8 +54,6 @@ def plan_resume(
     if rank == 0:
         try:
             if needs_universal(tag_dir, world_size, zero_stage):
-                from mmt.ckpt.universal import to_universal
-
                 # Checked as it was saved first: an incomplete checkpoint or another model fails before the work.
                 meta = read_meta(tag_dir)
                 check_resumable(tag_dir, int(meta["world_size"]), int(meta["zero_stage"]), config=config)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from mmt.config import Config
-from mmt.tracking.logger import Logger, NullLogger
+from mmt.secrets import redact, secret_patterns
+from mmt.tracking.logger import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NullLogger, RedactingLogger
+from mmt.tracking.mlflow_logger import MLflowLogger
 from mmt.training import distributed as D
 from mmt.training.inputs import to_device
 
@@ -94,9 +99,6 @@ class StepMeter:
 
 def system_tags(env: D.DistEnv, device: torch.device) -> dict[str, str]:
     """Where and with what a run ran: versions, git commit, launcher, Slurm job and restart count."""
-    import platform
-    import subprocess
-
     import deepspeed
 
     tags = {
@@ -150,8 +152,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     """Process RSS, and GPU peak / reserved memory on CUDA, in GiB."""
     out: dict[str, float] = {}
     try:
-        import psutil
-
         out["sys/rss_gb"] = psutil.Process().memory_info().rss / 2**30
     except Exception:  # noqa: BLE001 - memory stats are best effort
         pass
@@ -163,8 +163,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 def process_tree_usage() -> tuple[float, float]:
     """(CPU seconds, resident bytes) of this process and its children (DataLoader workers, forkserver)."""
-    import psutil
-
     cpu = rss = 0.0
     me = psutil.Process()
     for p in [me, *me.children(recursive=True)]:
@@ -237,15 +235,11 @@ def build_logger(cfg: Config, rank: int, run_id: str | None, total_steps: int, r
     """Rank 0: MLflow (unless tracking.backend=none) + console line + <run_dir>/metrics.jsonl; other ranks: none."""
     if rank != 0:
         return NullLogger()
-    from mmt.config.secrets import redact, secret_patterns
-    from mmt.tracking.logger import ConsoleLogger, JsonlLogger, MultiLogger, RedactingLogger
 
     patterns = secret_patterns(cfg.tracking.redact_keys)
 
     loggers: list[Logger] = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.tracking.backend == "mlflow":
-        from mmt.tracking.mlflow_logger import MLflowLogger
-
         tags = dict(t.split("=", 1) for t in cfg.tracking.tags if "=" in t)
         loggers.insert(
             0,

@@ -27,9 +27,10 @@ from mmt.ckpt.layout import read_meta
 from mmt.ckpt.manager import CheckpointManager, resume_point
 from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config, flatten, save_config, to_dict
-from mmt.config.loader import dump_yaml
-from mmt.config.secrets import redact, redacted_config, secret_patterns
+from mmt.config.loader import dump_yaml, redacted_config
+from mmt.config.preemption import PREEMPTED_EXIT_CODE, parse_signals
 from mmt.precision import torch_dtype
+from mmt.secrets import redact, secret_patterns
 from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
 from mmt.training import distributed as D
 from mmt.training.batching import BatchPlan, resolve_batch
@@ -37,13 +38,7 @@ from mmt.training.engine import initialize_for_training, resolve_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
 from mmt.training.inputs import batch_size, count_tokens
-from mmt.training.preemption import (
-    PREEMPTED_EXIT_CODE,
-    PreemptionFlag,
-    clear_marker,
-    parse_signals,
-    write_marker,
-)
+from mmt.training.preemption import PreemptionFlag, clear_marker, write_marker
 from mmt.training.rng import capture_rng, restore_rng, seed_everything
 from mmt.training.tasks import Task, build_task
 from mmt.training.telemetry import (

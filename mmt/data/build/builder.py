@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmt.data import storage
-from mmt.data.build.inputs import InputRecord, read_inputs
+from mmt.data.build.inputs import InputError, InputRecord, read_inputs
 from mmt.data.build.process import Processed, ProcessOptions, process_record
 from mmt.data.build.writer import ShardInfo, ShardSink
 from mmt.data.schema import ANSWERS_NAME, MANIFEST_NAME
@@ -96,8 +96,6 @@ def write_samples(
     modalities: Counter = Counter()
     answers: Counter = Counter()
     if not prefix or "/" in prefix or "\\" in prefix or ".." in prefix:
-        from mmt.data.build.inputs import InputError
-
         raise InputError(f"--prefix {prefix!r}: a shard name, not a path (shards go only into {out})")
     sink = ShardSink(out, prefix, max_samples_per_shard, max_shard_bytes, endpoint_url)
     bar = tqdm(total=total, desc="building shards", unit="sample", disable=not progress, file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmt.atomic import atomic_write_text
 from mmt.data import media, storage
 from mmt.data.build.builder import write_samples
 from mmt.data.build.process import Processed, assemble_sample
@@ -143,8 +144,6 @@ def build_demo_annotations(out: str, *, val_fraction: float = 0.1, seed: int = 0
     ``answers``, ``label``: what ``mmt shards build`` reads), ``OUT/answers.json``, ``OUT/demo.json``.
     Train with ``data.format=annotations data.train_urls=OUT/train.jsonl data.val_urls=OUT/val.jsonl``."""
     from sklearn.datasets import load_digits
-
-    from mmt.atomic import atomic_write_text
 
     digits = load_digits()
     images, targets = digits.images, digits.target
