@@ -44,17 +44,17 @@ def test_tower_flops_match_the_flop_counter(kind):
 def test_model_flops_per_sample_match_the_flop_counter(fusion):
     """Every part at full length (no padding): towers, pools, fusion, VQA head, decoder and tied LM head."""
     model = create_model(tiny_config(fusion=FusionConfig(kind=fusion, depth=1, tensor_dim=3)))
-    b = 2
+    b, text, dec = 2, 48, 24  # model.text.max_len, model.decoder.max_len
     batch = dict(
-        text_inputs=torch.randint(3, 259, (b, 24)),
-        text_attention_mask=torch.ones(b, 24, dtype=torch.bool),
-        image_features=torch.randn(b, 3, 16, 16),
-        audio_features=torch.randn(b, 2000),
-        audio_attention_mask=torch.ones(b, 2000, dtype=torch.bool),
-        decoder_input_ids=torch.randint(3, 259, (b, 24)),
-        decoder_attention_mask=torch.ones(b, 24, dtype=torch.bool),
+        text_inputs=torch.randint(3, 259, (b, text)),
+        text_attention_mask=torch.ones(b, text, dtype=torch.bool),
+        image_features=torch.randn(b, 3, 32, 32),
+        audio_features=torch.randn(b, 8000),
+        audio_attention_mask=torch.ones(b, 8000, dtype=torch.bool),
+        decoder_input_ids=torch.randint(3, 259, (b, dec)),
+        decoder_attention_mask=torch.ones(b, dec, dtype=torch.bool),
     )
-    assert model.tokens_per_sample() == {"text": 24, "image": 16, "audio": 16}  # the batch is full length
+    assert model.tokens_per_sample() == {"text": text, "image": 16, "audio": 16}  # the batch is full length
 
     def step():
         out = model(**batch)

@@ -71,12 +71,12 @@ def test_variant_forward_backward_and_padding(variant):
     out = model(**batch)
 
     b = 3
-    assert out.embeddings["text"].shape == (b, 16)
+    assert out.embeddings["text"].shape == (b, 64)
     assert torch.allclose(out.embeddings["image"].norm(dim=-1), torch.ones(b))
     assert out.vqa_logits.shape == (b, 5)
     assert out.lm_logits.shape == (b, 20, 259)
-    assert out.features["image"].shape == (b, 16, 32)  # (16 / 4)^2 patches
-    assert out.masks["audio"].sum(-1).tolist() == [16, 12, 8]  # ceil(frames / 2) of 2000, 1500, 900 samples
+    assert out.features["image"].shape == (b, 16, 64)  # (32 / 8)^2 patches
+    assert out.masks["audio"].sum(-1).tolist() == [16, 12, 8]  # ceil(frames / 4) of 8000, 6000, 3600 samples
 
     loss = sum(v.float().pow(2).mean() for v in _real_outputs(out, batch).values()) + out.logit_scale
     loss.backward()
@@ -111,10 +111,10 @@ def test_features_input_mode():
     model = create_model(cfg)
     mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
     out = model(
-        image_features=torch.randn(2, 10, 12), image_attention_mask=mask, audio_features=torch.randn(2, 9, 16)
+        image_features=torch.randn(2, 10, 12), image_attention_mask=mask, audio_features=torch.randn(2, 9, 32)
     )
-    assert out.features["image"].shape == (2, 10, 32)
-    assert out.masks["audio"].shape == (2, 5)  # 9 frames, 2 per token
+    assert out.features["image"].shape == (2, 10, 64)
+    assert out.masks["audio"].shape == (2, 3)  # 9 frames, 4 per token
 
 
 def test_tiny_configs_are_tiny_and_report_flops():
