@@ -6,7 +6,7 @@ logged ``config.yaml``, the run folder's ``config.yaml``, ``ds_config.json`` and
 ``metrics.jsonl``) goes through `redact`: a value whose key matches one of ``tracking.redact_keys`` (glob
 patterns, case-insensitive, on the last key name: ``*SECRET*`` matches ``AWS_SECRET_ACCESS_KEY``) becomes
 ``***``, and URL user-info anywhere in a string becomes ``scheme://***@host``. The default patterns skip
-``*TOKEN*`` on purpose: ``caption_max_tokens`` is not a secret, ``HF_TOKEN`` (``*TOKEN``) is.
+``*TOKEN*`` on purpose: ``max_tokens`` is not a secret, ``HF_TOKEN`` (``*TOKEN``) is.
 
 A tracking URI's credentials are handed to the MLflow client through ``MLFLOW_TRACKING_USERNAME`` /
 ``MLFLOW_TRACKING_PASSWORD`` (`tracking_credentials`), never inside the URI, so MLflow's own messages cannot

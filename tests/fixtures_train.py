@@ -367,7 +367,12 @@ def dist_runs(tmp_path_factory) -> dict[str, Any]:
         val_urls=val,
         run_dir=tmp / "cap",
         model={"decoder": {"depth": 1, "max_len": 48}},
-        train={"max_steps": 2, "caption_max_tokens": 6, "eval_batch": 4, "checkpoint_at_end": True},
+        train={
+            "max_steps": 2,
+            "tasks": {"captioning": {"max_tokens": 6}},
+            "eval_batch": 4,
+            "checkpoint_at_end": True,
+        },
     )
     for st in (2, 3):
         for ws in (1, 3):

@@ -57,7 +57,10 @@ def test_list_keys_take_lists_or_comma_strings(tmp_path):
         params["train.preempt_signals"] == "SIGTERM,USR1" and params["tracking.redact_keys"] == "*FOO*,*_bar"
     )
     assert params["slurm.env.MY_FOO"] == "***" and params["slurm.env.BAR"] == "y"
-    assert params["train.zero_shot_templates"] == "{c}" and params["train.init_weights_only"] == "text,image"
+    assert (
+        params["train.tasks.retrieval.zero_shot_templates"] == "{c}"
+        and params["train.init_weights_only"] == "text,image"
+    )
     for bad, key in (("slurm.env=[A=1]", "slurm.env"), ("slurm.env.A=[1,2]", "slurm.env.A")):
         with pytest.raises(ConfigError, match="expected a") as err:
             load_config(None, [bad])
@@ -127,6 +130,7 @@ def test_bad_file_values_name_file_and_key(tmp_path, text, key, words):
         ("model.depth=1.5", "model.depth"),
         ("model.audio.n_mels=-3", "model.audio.n_mels"),
         ("nodots", "nodots"),
+        ("train.caption_max_tokens=6", "train.caption_max_tokens"),
     ],
 )
 def test_bad_override_names_override_and_key(override, key):
@@ -134,6 +138,8 @@ def test_bad_override_names_override_and_key(override, key):
         load_config(None, [override])
     assert err.value.key == key
     assert "command-line override" in err.value.source and override in err.value.source
+    if key == "train.caption_max_tokens":  # moved into the task's section: the error names the new key
+        assert "train.tasks.captioning.max_tokens" in str(err.value)
 
 
 def test_missing_and_unparsable_files(tmp_path):

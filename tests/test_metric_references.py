@@ -188,7 +188,9 @@ def test_eval_perplexity_is_token_weighted_over_uneven_batches():
     cfg = tiny_config()
     torch.manual_seed(0)
     model = create_model(cfg).eval()
-    task = build_task(cfg, TrainConfig(task="captioning"))
+    train_cfg = TrainConfig(task="captioning")
+    train_cfg.tasks.captioning.max_tokens = 3
+    task = build_task(cfg, train_cfg)
     batches = []
     for i, (b, seed) in enumerate([(3, 0), (1, 1), (4, 2)]):
         raw = tiny_batch(b, seed)
@@ -209,7 +211,7 @@ def test_eval_perplexity_is_token_weighted_over_uneven_batches():
         def __call__(self, **kw):
             return model(**kw)
 
-    metrics = evaluate(Engine(), task, batches, torch.device("cpu"), torch.float32, caption_max_tokens=3)
+    metrics = evaluate(Engine(), task, batches, torch.device("cpu"), torch.float32)
     nll_sum, tokens = 0.0, 0
     with torch.no_grad():
         for batch in batches:

@@ -32,7 +32,7 @@ def task_runs(tmp_path_factory):
         val_urls=val,
         run_dir=tmp / "cap",
         model={"decoder": {"depth": 1, "max_len": 48}},
-        train={"max_steps": 3, "caption_max_tokens": 6},
+        train={"max_steps": 3, "tasks": {"captioning": {"max_tokens": 6}}},
     )
     # one process runs both (no launcher: world size 1)
     run([PY, "-m", "tests.fixtures_train", "train", str(tmp), str(vqa), str(cap)], cwd=tmp, timeout=300)

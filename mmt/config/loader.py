@@ -23,6 +23,7 @@ from mmt.config.errors import ConfigError
 from mmt.config.model import MultiModalConfig
 from mmt.config.named import resolve_config
 from mmt.config.root import Config
+from mmt.config.tasks import MOVED_KEYS
 from mmt.config.validate import validate
 from mmt.secrets import DEFAULT_SECRET_KEYS, redact, redact_override, secret_patterns
 
@@ -139,6 +140,8 @@ def _merge(base: DictConfig, data: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, data)
     except OmegaConfBaseException as e:
+        if e.full_key in MOVED_KEYS:
+            raise ConfigError(source, e.full_key, f"moved: use {MOVED_KEYS[e.full_key]}") from None
         raise ConfigError(source, e.full_key or "<root>", _short(e)) from None
 
 

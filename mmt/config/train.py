@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mmt.config.errors import ConfigError
 from mmt.config.fields import cfg_field
-from mmt.config.tasks import TASK_NAMES
+from mmt.config.tasks import TASK_NAMES, TasksConfig
 
 
 @dataclass
@@ -45,6 +45,9 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     task: str = cfg_field("retrieval", doc="training task (mmt.config.tasks)", choices=TASK_NAMES)
+    tasks: TasksConfig = cfg_field(
+        default_factory=TasksConfig, doc="each task's own settings, train.tasks.<name> (mmt.config.tasks)"
+    )
     seed: int = cfg_field(0, doc="global seed")
     run_dir: str = cfg_field(
         "runs/${tracking.run_name}", doc="where checkpoints, logs and the resolved config go"
@@ -111,14 +114,6 @@ class TrainConfig:
         ge=1,
     )
 
-    # Task losses.
-    label_smoothing: float = cfg_field(
-        0.1, doc="captioning: label smoothing of the token cross-entropy", ge=0, le=0.99
-    )
-    text_audio_weight: float = cfg_field(
-        1.0, doc="retrieval: weight of the text-audio pair loss (text-image is 1)", ge=0
-    )
-
     # Intervals (in optimizer steps; 0 disables).
     log_interval: int = cfg_field(10, doc="console line and MLflow metrics every N steps", ge=1)
     eval_interval: int = cfg_field(
@@ -127,15 +122,6 @@ class TrainConfig:
     eval_at_end: bool = cfg_field(True, doc="evaluate after the last step when data.val_urls is set")
     eval_max_batches: int = cfg_field(0, doc="cap on eval batches per rank (0: the whole held-out set)", ge=0)
     eval_batch: int = cfg_field(0, doc="samples per eval batch per rank (0: the training micro batch)", ge=0)
-    caption_max_tokens: int = cfg_field(24, doc="captioning eval: greedy decode length", ge=1)
-    zero_shot_classes: list[str] = cfg_field(
-        default_factory=list,
-        doc="retrieval eval: class names for zero-shot accuracy of the samples' json 'label' (index) ([]: off)",
-    )
-    zero_shot_templates: list[str] = cfg_field(
-        default_factory=lambda: ["{c}"],
-        doc="retrieval eval: prompt templates ({c}: class name, {i}: its index), embeddings averaged per class",
-    )
     checkpoint_interval: int = cfg_field(
         0, doc="save a checkpoint every N steps (the last step always saves)", ge=0
     )

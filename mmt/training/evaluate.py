@@ -32,12 +32,12 @@ RECALL_KS = (1, 5, 10)
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to run an evaluation: where, in which dtype, how many batches per rank (0: all), caption length."""
+    """How to run an evaluation: where, in which dtype, how many batches per rank (0: all). What a task
+    evaluates beyond that is in its own settings (``train.tasks.<name>``)."""
 
     device: torch.device
     dtype: torch.dtype
     max_batches: int = 0
-    caption_max_tokens: int = 24
 
 
 def uniform_batches(
@@ -71,13 +71,12 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype,
     max_batches: int = 0,
-    caption_max_tokens: int = 24,
 ) -> dict[str, float]:
     """``val/...`` metrics of ``task`` over ``loader``; identical on every rank."""
     was_training = engine.module.training
     engine.module.eval()
     try:
-        return task.evaluate(engine, loader, EvalSettings(device, dtype, max_batches, caption_max_tokens))
+        return task.evaluate(engine, loader, EvalSettings(device, dtype, max_batches))
     finally:
         engine.module.train(was_training)
 
@@ -152,11 +151,11 @@ def _zero_shot(engine: Any, task: Task, rows: list[dict[str, Any]], device: torc
     """``val/zero_shot_<m>_top1|top5``: each non-text embedding against the class prompts' mean text embedding
     (CLIP prompt ensembling, `mmt.inference.zero_shot`), over the rows with a json ``label``. Every rank runs the
     same prompt forwards (ZeRO-3 safe)."""
-    t, m_cfg = task.train_cfg, task.model_cfg
-    if not t.zero_shot_classes or "text" not in m_cfg.modalities():
+    settings, m_cfg = task.settings, task.model_cfg
+    if not settings.zero_shot_classes or "text" not in m_cfg.modalities():
         return {}
     tok = build_tokenizer(m_cfg.text.tokenizer)
-    classes, templates = t.zero_shot_classes, t.zero_shot_templates
+    classes, templates = settings.zero_shot_classes, settings.zero_shot_templates
     prompts = [
         tok.encode(fill(tp, c, i), m_cfg.text.max_len) for i, c in enumerate(classes) for tp in templates
     ]

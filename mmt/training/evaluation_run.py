@@ -70,9 +70,7 @@ def _run_evaluation(cfg: Config, model: nn.Module, env: D.DistEnv, device: Any) 
     try:
         loader = build_eval_loader(cfg, env.rank, env.world_size, batch)
         task = build_task(cfg.model, t)
-        return evaluate(
-            engine, task, loader, device, torch_dtype(precision), t.eval_max_batches, t.caption_max_tokens
-        )
+        return evaluate(engine, task, loader, device, torch_dtype(precision), t.eval_max_batches)
     finally:
         with suppress(Exception):
             engine.destroy()

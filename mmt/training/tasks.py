@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mmt.config.model import MultiModalConfig
-from mmt.config.tasks import TASK_SPECS
+from mmt.config.tasks import TASK_SPECS, task_settings
 from mmt.config.train import TrainConfig
 from mmt.training.evaluate import EvalSettings, captioning_metrics, retrieval_metrics, vqa_metrics
 from mmt.training.inputs import FEATURE_KEY, MASK_KEY, model_inputs
@@ -59,6 +59,7 @@ class Task:
     def __init__(self, model_cfg: MultiModalConfig, train_cfg: TrainConfig) -> None:
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
+        self.settings: Any = task_settings(train_cfg.tasks, self.name)  # train.tasks.<name>
         self.check_model()
 
     def check_model(self) -> None:
@@ -101,7 +102,7 @@ class RetrievalTask(Task):
     def pairs(self) -> list[tuple[str, str, float]]:
         mods = self.model_cfg.modalities()
         anchor = "text" if "text" in mods else mods[0]
-        weights = {"image": 1.0, "audio": self.train_cfg.text_audio_weight, "text": 1.0}
+        weights = {"image": 1.0, "audio": self.settings.text_audio_weight, "text": 1.0}
         return [(anchor, m, weights[m]) for m in mods if m != anchor]
 
     def step(self, model: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> StepResult:
@@ -175,7 +176,7 @@ class CaptioningTask(Task):
         dec_mask = mask | ~has_text[:, None]  # rows without a caption: well-defined attention, excluded below
         out = model(**kwargs, decoder_input_ids=ids, decoder_attention_mask=dec_mask)
         loss, nll = caption_loss(
-            out.lm_logits, ids, mask, self.train_cfg.label_smoothing, has_text & has_source
+            out.lm_logits, ids, mask, self.settings.label_smoothing, has_text & has_source
         )
         present = {**present, "text": has_text}
         return StepResult(
@@ -184,7 +185,7 @@ class CaptioningTask(Task):
 
     def evaluate(self, engine: Any, loader: Iterable[dict[str, Any]], how: EvalSettings) -> dict[str, float]:
         return captioning_metrics(
-            engine, self, loader, how.device, how.dtype, how.max_batches, how.caption_max_tokens
+            engine, self, loader, how.device, how.dtype, how.max_batches, self.settings.max_tokens
         )
 
 

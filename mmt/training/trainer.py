@@ -352,7 +352,6 @@ class Trainer:
                     self.device,
                     self.dtype,
                     t.eval_max_batches,
-                    t.caption_max_tokens,
                 )
         finally:
             close = getattr(loader, "close", None)

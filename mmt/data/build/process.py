@@ -11,11 +11,20 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mmt.config.tasks import TASK_SPECS
 from mmt.data import media
 from mmt.data.build.inputs import InputRecord
 from mmt.data.schema import normalize_answer
 
-TASKS = ("retrieval", "captioning", "vqa", "audio-text", "auto")
+# --task: what a record must hold and which media are kept. The training tasks' entries come from their
+# `TaskSpec`; ``audio-text`` (audio + caption, image dropped) and ``auto`` (whatever a record has) are the
+# builder's own.
+_BUILD_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    **{s.name: (s.shard_needs, s.shard_media) for s in TASK_SPECS.values()},
+    "audio-text": (("audio", "caption"), ("audio",)),
+    "auto": ((), ("image", "audio")),
+}
+TASKS = tuple(_BUILD_TASKS)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,10 @@ class ProcessOptions:
     audio_rate: int = 0
     audio_format: str = "keep"
     max_audio_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.task not in _BUILD_TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {list(_BUILD_TASKS)}")
 
 
 @dataclass
@@ -118,12 +131,7 @@ def _audio(path: str, opts: ProcessOptions, meta: dict[str, Any]) -> tuple[str, 
 
 
 def _missing(rec: InputRecord, task: str) -> str | None:
-    need = {
-        "retrieval": ("image", "caption"),
-        "captioning": ("image", "caption"),
-        "vqa": ("image", "question", "answers"),
-        "audio-text": ("audio", "caption"),
-    }.get(task, ())
+    need = _BUILD_TASKS[task][0]
     have = {
         "image": rec.image is not None,
         "audio": rec.audio is not None,
@@ -147,8 +155,9 @@ def process_record(rec: InputRecord, opts: ProcessOptions) -> Processed:
             raise ValueError(missing)
         meta = {k: v for k, v in rec.extra.items() if not k.startswith("__")}
         image = audio = None
-        use_image = rec.image is not None and opts.task != "audio-text"
-        use_audio = rec.audio is not None and opts.task in ("audio-text", "auto", "retrieval")
+        media_kept = _BUILD_TASKS[opts.task][1]
+        use_image = rec.image is not None and "image" in media_kept
+        use_audio = rec.audio is not None and "audio" in media_kept
         if use_image:
             try:
                 image = _image(rec.image, opts, meta)
