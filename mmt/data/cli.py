@@ -106,10 +106,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    urls = storage.expand(args.url)
+def _shard_urls(command: str, url: str) -> list[str]:
+    """The shards ``url`` names (brace ranges, globs); none is one stderr line from the caller's command."""
+    urls = storage.expand(url)
     if not urls:
-        print(f"mmt shards stats: {args.url!r} names no shard", file=sys.stderr)
+        print(f"mmt shards {command}: {url!r} names no shard", file=sys.stderr)
+    return urls
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    urls = _shard_urls("stats", args.url)
+    if not urls:
         return 2
     stats = shard_stats(urls, args.endpoint_url, args.max_samples)
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
@@ -169,9 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Write ``<shard>.idx.json`` sidecars for shards made by other tools (img2dataset, ShardWriter, tar)."""
-    urls = storage.expand(args.url)
+    urls = _shard_urls("index", args.url)
     if not urls:
-        print(f"mmt shards index: {args.url!r} names no shard", file=sys.stderr)
         return 2
     bad = 0
     for url in urls:

@@ -33,6 +33,12 @@ def resolve_batch(train: TrainConfig, world_size: int, source: str = "config") -
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(where, f"train.{key}", msg)
 
+    def divide(by: int, name: str) -> int:
+        """``g / (by * w)``, or the error naming ``name`` (the given one of micro_batch / grad_accum)."""
+        if g % (by * w):
+            raise fail("global_batch", f"global_batch={g} is not divisible by {name}={by} * world_size={w}")
+        return g // (by * w)
+
     if g and m and a:
         if g != m * a * w:
             raise fail(
@@ -41,18 +47,10 @@ def resolve_batch(train: TrainConfig, world_size: int, source: str = "config") -
                 f"(= {m * a * w}); set one of them to 0 to derive it",
             )
     elif g and m:
-        if g % (m * w):
-            raise fail(
-                "global_batch", f"global_batch={g} is not divisible by micro_batch={m} * world_size={w}"
-            )
-        a = g // (m * w)
+        a = divide(m, "micro_batch")
     elif g:
         a = a or 1
-        if g % (a * w):
-            raise fail(
-                "global_batch", f"global_batch={g} is not divisible by grad_accum={a} * world_size={w}"
-            )
-        m = g // (a * w)
+        m = divide(a, "grad_accum")
     elif m:
         a = a or 1
         g = m * a * w
