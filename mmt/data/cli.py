@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -62,32 +63,14 @@ def _build_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _matching(cls: type, args: argparse.Namespace) -> dict:
+    """The flags named like fields of the dataclass ``cls`` (``--max-shard-bytes`` -> ``max_shard_bytes``)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    opts = BuildOptions(
-        input=args.input,
-        out=args.out,
-        input_format=args.input_format,
-        root=args.root,
-        prefix=args.prefix,
-        max_samples_per_shard=args.max_samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes,
-        workers=args.workers,
-        endpoint_url=args.endpoint_url,
-        max_answers=args.max_answers,
-        progress=not args.quiet,
-        process=ProcessOptions(
-            task=args.task,
-            image_size=args.image_size,
-            resize_mode=args.resize_mode,
-            reencode=args.reencode,
-            image_format=args.image_format,
-            jpeg_quality=args.jpeg_quality,
-            min_image_size=args.min_image_size,
-            audio_rate=args.audio_rate,
-            audio_format=args.audio_format,
-            max_audio_seconds=args.max_audio_seconds,
-        ),
-    )
+    process = ProcessOptions(**_matching(ProcessOptions, args))
+    opts = BuildOptions(**_matching(BuildOptions, args), progress=not args.quiet, process=process)
     try:
         manifest = build_shards(opts)
     except InputError as e:
