@@ -169,3 +169,18 @@ def test_create_model_from_design_doc_json():
     assert out.embeddings["text"].shape == (b, 512)
     assert out.embeddings["image"].shape == (b, 512)
     assert 0 < float(out.logit_scale.detach()) <= 100
+
+
+def test_each_registered_task_has_its_settings_section_and_shard_builder_entry():
+    """train.tasks and `mmt shards build --task` are built from the task registry; a task reads its own section."""
+    from mmt.config.tasks import TASK_SPECS
+    from mmt.data.build.process import TASKS as BUILD_TASKS
+    from mmt.data.build.process import ProcessOptions
+    from mmt.training.tasks import TASKS, build_task
+
+    cfg = load_config("captioning_demo", ["train.tasks.captioning.max_tokens=7"])
+    assert [f for f in vars(cfg.train.tasks)] == list(TASK_SPECS) == list(TASKS)
+    assert build_task(cfg.model, cfg.train).settings.max_tokens == 7
+    assert set(TASK_SPECS) < set(BUILD_TASKS)
+    with pytest.raises(ValueError, match="'translation' is not one of"):
+        ProcessOptions(task="translation")

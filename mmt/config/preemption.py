@@ -16,13 +16,12 @@ PREEMPTED_MARKER = "preempted.json"
 
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
-    """``["SIGTERM", "USR1"]`` -> signal numbers; a clear ValueError for unknown names."""
+    """``["SIGTERM", "USR1"]`` -> signal numbers; ValueError naming an unknown name as given (the one parser:
+    the config check, the trainer and `mmt slurm` all call it)."""
     out = []
     for name in (s.strip().upper() for s in names if s.strip()):
-        if not name.startswith("SIG"):
-            name = "SIG" + name
         try:
-            out.append(signal.Signals[name])
+            out.append(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
         except KeyError:
-            raise ValueError(f"train.preempt_signals: unknown signal {name!r}") from None
+            raise ValueError(f"unknown signal {name!r}") from None
     return out

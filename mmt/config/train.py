@@ -8,11 +8,11 @@ still be merged on top, with conflicts reported.
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass, field
 
 from mmt.config.errors import ConfigError
 from mmt.config.fields import cfg_field
+from mmt.config.preemption import parse_signals
 from mmt.config.tasks import TASK_NAMES, TasksConfig
 
 
@@ -187,9 +187,10 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(source, f"{prefix}offload_optimizer", "needs train.zero_stage >= 1 (got 0)")
 
-        for name in (x.strip().upper() for x in self.preempt_signals if x.strip()):
-            if not hasattr(signal, name if name.startswith("SIG") else "SIG" + name):
-                raise ConfigError(source, f"{prefix}preempt_signals", f"unknown signal {name!r}")
+        try:
+            parse_signals(self.preempt_signals)
+        except ValueError as e:
+            raise ConfigError(source, f"{prefix}preempt_signals", str(e)) from None
         if self.max_steps == 0 and self.epochs == 0:
             raise ConfigError(
                 source, f"{prefix}max_steps", "set train.max_steps or train.epochs (both are 0)"
