@@ -51,6 +51,16 @@ def test_installed_deepspeed_still_needs_the_workaround(canaries, name):
     )
 
 
+def test_cpu_grad_buffer_reuse_is_bit_identical(canaries):
+    """`reuse_cpu_grad_buffers` (ZeRO-1 and ZeRO-2, gradient accumulation, bucket smaller than a parameter) gives
+    bitwise DeepSpeed's own losses, gradient norms and weights, and does reuse its buffers (run in the canaries'
+    process, after them; see `tests.ds_canaries.reuse_check`)."""
+    got = canaries["reuse_check"]
+    for stage in (1, 2):
+        for check in ("losses_equal", "norms_equal", "weights_equal", "weights_moved", "buffers_reused"):
+            assert got[f"zero{stage}_{check}"], (check, got[f"zero{stage}_detail"])
+
+
 def test_untested_deepspeed_is_refused_unless_allowed(monkeypatch):
     tested = ".".join(map(str, TESTED_SERIES))
     check_version(f"{tested}.8")  # the tested series passes

@@ -23,7 +23,7 @@ from torch import nn
 
 from mmt.config import ConfigError
 from mmt.config.train import TrainConfig
-from mmt.ds_compat import patch_deepspeed
+from mmt.ds_compat import patch_deepspeed, reuse_cpu_grad_buffers
 from mmt.training.batching import BatchPlan
 from mmt.training.engine_tuning import skip_single_rank_allreduce
 from mmt.training.optim import make_scheduler_factory, param_groups
@@ -92,6 +92,7 @@ def initialize(
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model_parameters, config=ds_config, lr_scheduler=lr_scheduler
     )
+    reuse_cpu_grad_buffers(engine.optimizer)
     return engine
 
 
