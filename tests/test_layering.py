@@ -66,14 +66,10 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     ("ckpt/pretrained.py", "safetensors"),
     ("ckpt/resume.py", "mmt.ckpt.reader"),
     ("ckpt/torchio.py", "numpy"),
-    *(("training/demo.py", m) for m in ("mmt.config", "mmt.data.build.demo", "mmt.data.build.demo_baseline")),
+    *(("training/demo.py", m) for m in ("mmt.data.build.demo", "mmt.data.build.demo_baseline")),
     ("training/demo.py", "mmt.training.distributed"),
     ("training/evaluation_run.py", "mmt"),  # upward: as above
     *(("training/evaluation_run.py", m) for m in ("mmt.secrets", "mmt.tracking.uri", "mmt.training.trainer")),
-    ("training/trainer.py", "mmt"),  # upward: as above
-    *(("training/trainer.py", m) for m in ("mmt.ckpt.pretrained", "mmt.ckpt.resume", "mmt.config", "socket")),
-    *(("training/trainer.py", m) for m in ("mmt.data.loader", "mmt.training.resume", "tqdm")),
-    ("training/trainer.py", "mmt.training.activation_checkpointing"),
 }
 
 

@@ -6,6 +6,7 @@ The trainer needs only the two factories::
 """
 
 from mmt.data.faults import DataError
-from mmt.data.loader import TrainLoader, build_eval_loader, build_train_loader
+from mmt.data.loader import build_eval_loader, build_train_loader
+from mmt.data.protocol import TrainLoader
 
 __all__ = ["DataError", "TrainLoader", "build_eval_loader", "build_train_loader"]

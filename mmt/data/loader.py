@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from mmt.config import ConfigError
 from mmt.config.root import Config
@@ -36,25 +35,10 @@ from mmt.data.indexed import (
     WorkerSettings,
     valid_world_sizes,
 )
+from mmt.data.protocol import TrainLoader
 from mmt.data.readahead import peak_bytes
 from mmt.data.shards import ShardCatalog, StorageSettings, default_cache_dir
 from mmt.data.streaming import StreamingDataset, StreamingLoader
-
-
-class TrainLoader(Protocol):
-    """What both training loaders offer the trainer."""
-
-    epoch: int
-
-    def __iter__(self) -> Iterator[dict[str, Any]]: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def stats(self) -> dict[str, Any]: ...
 
 
 def data_seed(cfg: Config) -> int:

@@ -210,6 +210,18 @@ class StreamingLoader:
     def __len__(self) -> int:
         raise TypeError("a streaming loader has no length (count steps instead)")
 
+    @property
+    def num_samples(self) -> None:
+        """Unknown: a stream is not indexed (``train.epochs`` needs ``train.max_steps`` instead)."""
+        return None
+
+    def io_stats(self) -> None:
+        """Not counted: the workers' streams fetch their shards themselves."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: the workers end with their epoch."""
+
     def _layout(self) -> dict[str, int]:
         d = self.dataset
         return {"rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers, "seed": d.seed}

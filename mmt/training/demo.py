@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from mmt.cliargs import ArgumentParser
+from mmt.config import ConfigError, load_config
 from mmt.config.named import CONFIG_DIR
 
 DEMO_CONFIG = CONFIG_DIR / "train" / "demo.yaml"  # package data: found from a wheel install too
@@ -129,7 +131,7 @@ def _zero_shot_lines(ev: dict, info: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="mmt demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/demo", help="demo dataset folder (built when missing)")
     p.add_argument("--run-dir", default="", help="run folder (default: runs/demo-<date>-<time>)")
@@ -142,47 +144,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", default=str(DEMO_CONFIG), help="run config (file or shipped name)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. train.max_steps=50")
-    args = p.parse_args(argv)
+    return p
 
-    t0 = time.time()
-    if args.nproc < 1:
-        print(f"mmt demo: --nproc {args.nproc}: expected >= 1", file=sys.stderr)
-        return 2
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.run_dir or f"runs/demo-{stamp}").resolve()
+
+def _training_overrides(args: argparse.Namespace, run_dir: Path) -> tuple[list[str], dict]:
+    """The launch's ``key=value`` list and the dataset's description; the config and every override are checked
+    here, and the dataset built, before any rank is launched (a `DemoError` or `ConfigError` otherwise)."""
     run_overrides = [f"train.run_dir={run_dir}", f"tracking.run_name={run_dir.name}", *args.overrides]
-    from mmt.config import ConfigError, load_config
+    load_config(args.config, run_overrides)
+    info = _ensure_data(Path(args.data).resolve())
+    data = [f"data.train_urls={info['train_urls']}", f"data.val_urls={info['val_urls']}"]
+    return [*data, *run_overrides], info
 
-    try:
-        # The config and every override are checked here, before a dataset is built or ranks are launched.
-        load_config(args.config, run_overrides)
-        info = _ensure_data(Path(args.data).resolve())
-    except ConfigError as e:
-        print(f"mmt demo: config error: {e}", file=sys.stderr)
-        return 2
-    except DemoError as e:
-        print(f"mmt demo: {e}", file=sys.stderr)
-        return 2
-    overrides = [f"data.train_urls={info['train_urls']}", f"data.val_urls={info['val_urls']}", *run_overrides]
-    nproc = 1 if args.launcher == "none" else args.nproc
-    cmd = _launch_command(args.launcher, nproc, Path(args.config), overrides)
+
+def _launch(launcher: str, nproc: int, config: Path, overrides: list[str]) -> int:
+    cmd = _launch_command(launcher, nproc, config, overrides)
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")
-    print(f"mmt demo: training with {nproc} process(es) via {args.launcher}: {' '.join(cmd)}", flush=True)
-    t_train = time.time()
-    rc = subprocess.call(cmd, env=env)
-    train_s = time.time() - t_train
-    final_path = run_dir / "final_metrics.json"
-    if rc != 0 or not final_path.is_file():
-        print(f"mmt demo: training failed (exit code {rc}); see the output above", file=sys.stderr)
-        return rc or 1
-    final = json.loads(final_path.read_text())
-    ev = final.get("eval", {})
+    print(f"mmt demo: training with {nproc} process(es) via {launcher}: {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _retrieval_lines(ev: dict) -> list[str]:
+    """Held-out recall@1 per direction beside its chance level, and the mean image<->text recall@1."""
     lines = [
-        "",
-        "=" * 78,
         "mmt demo: held-out retrieval on "
         f"{int(ev.get('val/samples', 0))} unseen digits (recall@1, chance level in brackets)",
     ]
@@ -201,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "val/recall_at_1" in ev:
         lines.append(f"  mean image<->text recall@1: {ev['val/recall_at_1']:.3f}")
+    return lines
+
+
+def _summary(final: dict, info: dict, run_dir: Path, total_s: float, train_s: float) -> str:
+    """The closing block: evaluation, zero-shot accuracy, final loss, data wait, where the run and checkpoint are."""
+    ev = final.get("eval", {})
+    lines = ["", "=" * 78, *_retrieval_lines(ev)]
     lines += _zero_shot_lines(ev, info)
     train = final.get("train", {})
     if "train/loss" in train:
@@ -215,8 +209,36 @@ def main(argv: list[str] | None = None) -> int:
         f"    browse: mlflow ui --backend-store-uri {uri}" if uri else "",
         f"  checkpoint: {final.get('checkpoint')}",
         f"  run folder: {run_dir}",
-        f"  time: {time.time() - t0:.0f} s in total, {train_s:.0f} s in the training launch",
+        f"  time: {total_s:.0f} s in total, {train_s:.0f} s in the training launch",
         "=" * 78,
     ]
-    print("\n".join(x for x in lines if x is not None), flush=True)
+    return "\n".join(x for x in lines if x is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    t0 = time.time()
+    if args.nproc < 1:
+        print(f"mmt demo: --nproc {args.nproc}: expected >= 1", file=sys.stderr)
+        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir or f"runs/demo-{stamp}").resolve()
+    try:
+        overrides, info = _training_overrides(args, run_dir)
+    except ConfigError as e:
+        print(f"mmt demo: config error: {e}", file=sys.stderr)
+        return 2
+    except DemoError as e:
+        print(f"mmt demo: {e}", file=sys.stderr)
+        return 2
+    nproc = 1 if args.launcher == "none" else args.nproc
+    t_train = time.time()
+    rc = _launch(args.launcher, nproc, Path(args.config), overrides)
+    train_s = time.time() - t_train
+    final_path = run_dir / "final_metrics.json"
+    if rc != 0 or not final_path.is_file():
+        print(f"mmt demo: training failed (exit code {rc}); see the output above", file=sys.stderr)
+        return rc or 1
+    final = json.loads(final_path.read_text())
+    print(_summary(final, info, run_dir, time.time() - t0, train_s), flush=True)
     return 0

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from mmt.config import Config
+from mmt.data.protocol import TrainLoader
 from mmt.secrets import redact, secret_patterns
 from mmt.tracking.logger import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NullLogger, RedactingLogger
 from mmt.tracking.mlflow_logger import MLflowLogger
@@ -189,11 +190,10 @@ class NodeMeter:
         self.t0 = time.perf_counter()
         self.cpu0 = process_tree_usage()[0]
 
-    def local(self, loader: object) -> dict[str, float]:
+    def local(self, loader: TrainLoader) -> dict[str, float]:
         out: dict[str, float] = {"node": float(self.node)}
-        io_stats = getattr(loader, "io_stats", None)
-        if io_stats is not None:
-            io = io_stats()
+        io = loader.io_stats()
+        if io is not None:
             for k in (
                 "bytes_fetched",
                 "shard_fetches",
@@ -209,7 +209,7 @@ class NodeMeter:
         self.t0, self.cpu0 = now, cpu
         return out
 
-    def reduce(self, loader: object) -> dict[str, float]:
+    def reduce(self, loader: TrainLoader) -> dict[str, float]:
         """Every node's figures (on every rank; rank 0 logs them)."""
         per_node: dict[int, dict[str, float]] = {}
         for rank_figures in D.gather_objects(self.local(loader)):

@@ -1,20 +1,23 @@
-"""The training loop: setup, then one loop that reads top to bottom, then a teardown that always runs.
+"""The trainer, in torchtitan's shape: `Trainer.__init__` builds everything from small ``build_*`` steps, `run`
+loops over `train_step` with `maybe_preempt` / `maybe_evaluate` / `maybe_checkpoint` around it, and `close`
+releases what was built, whatever happened.
 
 `train(cfg)` is what `mmt train` calls on every rank. It works the same as a single process, under torchrun,
 under the deepspeed launcher and under srun, on CPU (gloo) and CUDA (nccl): `mmt.training.distributed` maps each
-launcher onto one set of rank variables. Data, model and tracker are built here; task losses, evaluation,
-checkpoints and preemption each live in their own module.
+launcher onto one set of rank variables. Task losses, evaluation, checkpoints, preemption and telemetry each
+live in their own module; the loaders are reached through `mmt.data.protocol.TrainLoader`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,20 +28,28 @@ from mmt.atomic import atomic_write_text
 from mmt.ckpt.client_state import ClientState
 from mmt.ckpt.layout import read_meta
 from mmt.ckpt.manager import CheckpointManager, resume_point
+from mmt.ckpt.pretrained import init_weights
+from mmt.ckpt.resume import ResumePlan, load_for_resume
 from mmt.ckpt.torchio import checkpoint_loading
-from mmt.config import Config, flatten, save_config, to_dict
+from mmt.config import Config, ConfigError, flatten, save_config, to_dict
 from mmt.config.loader import dump_yaml, redacted_config
 from mmt.config.preemption import PREEMPTED_EXIT_CODE, parse_signals
+from mmt.data.loader import build_eval_loader, build_train_loader
+from mmt.data.protocol import EvalLoader, TrainLoader
+from mmt.model.factory import create_model
 from mmt.precision import torch_dtype
 from mmt.secrets import redact, secret_patterns
-from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, NullLogger
+from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger
 from mmt.training import distributed as D
+from mmt.training.activation_checkpointing import apply_activation_checkpointing
 from mmt.training.batching import BatchPlan, resolve_batch
 from mmt.training.engine import initialize_for_training, resolve_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
 from mmt.training.inputs import batch_size, count_tokens
 from mmt.training.preemption import PreemptionFlag, clear_marker, write_marker
+from mmt.training.progress import ProgressBar
+from mmt.training.resume import drop_converted, plan_resume
 from mmt.training.rng import capture_rng, restore_rng, seed_everything
 from mmt.training.tasks import Task, build_task
 from mmt.training.telemetry import (
@@ -50,8 +61,8 @@ from mmt.training.telemetry import (
     system_tags,
 )
 
-LoaderFactory = Callable[[Config, int, int, BatchPlan], Any]
-EvalLoaderFactory = Callable[[Config, int, int, int], Iterable[dict[str, Any]]]
+LoaderFactory = Callable[[Config, int, int, BatchPlan], TrainLoader]
+EvalLoaderFactory = Callable[[Config, int, int, int], EvalLoader]
 
 
 @dataclass
@@ -81,20 +92,20 @@ def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     ]
 
 
-def default_train_loader(cfg: Config, rank: int, world_size: int, plan: BatchPlan) -> Any:
-    from mmt.data.loader import build_train_loader
-
+def default_train_loader(cfg: Config, rank: int, world_size: int, plan: BatchPlan) -> TrainLoader:
     return build_train_loader(cfg, rank, world_size, plan.global_batch)
 
 
-def default_eval_loader(cfg: Config, rank: int, world_size: int, batch: int) -> Iterable[dict[str, Any]]:
-    from mmt.data.loader import build_eval_loader
-
+def default_eval_loader(cfg: Config, rank: int, world_size: int, batch: int) -> EvalLoader:
     return build_eval_loader(cfg, rank, world_size, batch)
 
 
 class Trainer:
-    """Holds the state of one run; `run` executes it and always tears down what it set up."""
+    """One run on this rank. Everything it holds is built in `__init__`; `run` trains and then `close`s.
+
+    ``train_loader_factory`` / ``eval_loader_factory`` replace the shard loaders (tests, other data sources):
+    anything satisfying `TrainLoader` / `EvalLoader` will do.
+    """
 
     def __init__(
         self,
@@ -103,131 +114,167 @@ class Trainer:
         train_loader_factory: LoaderFactory | None = None,
         eval_loader_factory: EvalLoaderFactory | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.train_loader_factory = train_loader_factory or default_train_loader
+        t = cfg.train
+        self.cfg, self.source = cfg, source
         self.eval_loader_factory = eval_loader_factory or default_eval_loader
-        self.logger: Logger = NullLogger()
-        self.step = 0
-        self.samples_seen = 0
-        # [step, world size, hostnames] each time the run (re)started on another world size: node losses and
-        # regrowth under Slurm (slurm.min_nodes) show up here and in the tag mmt.world_sizes.
-        self.world_sizes: list[list] = []
+        # Each build step below registers the release of what it built here; `close` runs them newest first,
+        # so a failure halfway through the build releases exactly what exists. `status` is how the run ended.
+        self.resources = ExitStack()
+        self.status = FAILED
+        # First: a SIGTERM during the (slow) build is honoured at the first step boundary.
+        self.preempt = PreemptionFlag(parse_signals(t.preempt_signals))
+        try:
+            self.env, self.device = self.build_distributed()
+            self.rank, self.world = self.env.rank, self.env.world_size
+            self.node_meter = NodeMeter(self.env)
+            self.hostnames: list[str] = D.gather_objects(socket.gethostname())
+            plan = resolve_batch(t, self.world, source)  # a bad batch setting stops here, before any write
+            self.dtype = torch_dtype(t.precision)
+            self.run_dir = self.build_run_dir()
+            self.plan, self.ds_config, self.ds_conflicts = self.build_ds_config(plan)
+            self.resume_dir, self.resume_plan, resumed_run_id = self.build_resume()
+            self.task: Task = build_task(cfg.model, t)
+            model = self.build_model()
+            # Before DeepSpeed: ZeRO-3 partitions parameters, after which numel() no longer counts them.
+            self.flops_per_sample = self.task.flops_per_sample(model.flops_per_sample())
+            self.tokens_per_sample, self.num_parameters = model.tokens_per_sample(), model.num_parameters()
+            self.train_loader = self.build_train_loader(train_loader_factory or default_train_loader)
+            self.total_steps = total_steps(cfg, self.train_loader, self.plan, source)
+            self.logger = self.build_logger(resumed_run_id)
+            self.run_id: str | None = D.broadcast_object(self.logger.run_id)
+            self.engine = self.build_engine(model)
+            self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
+            # The loop's state: where the run is, the meter of the current log interval, the last results.
+            self.step, self.samples_seen, self.world_sizes = self.build_position()
+            self.batches = self.batches_forever()
+            self.meter = StepMeter()
+            self.peak_flops = peak_flops_per_device(self.device, t.precision, t.peak_tflops)
+            self.step_lr = float("nan")  # the lr and (`own_grad_norm`) grad norm of the step logged next
+            self.grad_norm: float | None = None
+            self.last_train: dict[str, float] = {}
+            self.last_eval: dict[str, float] = {}
+            self.last_checkpoint: Path | None = self.resume_dir
+            if self.rank == 0:
+                clear_marker(self.run_dir)
+                self.log_run_start()
+        except BaseException as e:
+            self.close(KILLED if isinstance(e, KeyboardInterrupt) else FAILED)
+            raise
 
-    # ------------------------------------------------------------------------------------------------ setup
-    def _setup(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
+    @property
+    def own_grad_norm(self) -> bool:
+        """ZeRO-0 fp32 does not keep the norm it clips with: measure it (grads are all-reduced by then)."""
+        return self.cfg.train.zero_stage == 0 and self.cfg.train.precision == "fp32"
+
+    # ------------------------------------------------------------------------------------------------ build
+    def build_distributed(self) -> tuple[D.DistEnv, torch.device]:
+        """The process group (through DeepSpeed) and this rank's device; released last by `close`."""
+        t = self.cfg.train
         # DeepSpeed's ZeRO collectives call torch APIs that torch now flags on every step; not actionable here.
         warnings.filterwarnings(
             "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
         )
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
-        self.env, self.device, self._created_pg = D.setup_distributed(
+        env, device, created = D.setup_distributed(
             t.device, t.dist_backend, t.dist_timeout_s, t.rdzv_timeout_s
         )
-        self.rank, self.world = self.env.rank, self.env.world_size
-        self._node_meter = NodeMeter(self.env)
-        import socket
+        self.resources.callback(self.teardown_distributed, created)
+        return env, device
 
-        self._hostnames = D.gather_objects(socket.gethostname())
-        self.plan = resolve_batch(t, self.world, self.source)
-        self.dtype = torch_dtype(t.precision)
-        self.run_dir = Path(t.run_dir).resolve()
+    def build_run_dir(self) -> Path:
+        run_dir = Path(self.cfg.train.run_dir).resolve()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier()
+        return run_dir
 
-        # DeepSpeed config: generated, then the user's JSON merged over it.
-        resolved = resolve_ds_config(t, self.plan, self.device, self.source)
-        ds, self.plan, self.ds_conflicts = resolved.config, resolved.plan, resolved.conflicts
-        if self.ds_conflicts and self.rank == 0:
+    def build_ds_config(self, plan: BatchPlan) -> tuple[BatchPlan, dict[str, Any], list[str]]:
+        """The DeepSpeed config: generated, then the user's JSON merged over it (conflicts reported once); the
+        batch plan as the merged config fixes it."""
+        resolved = resolve_ds_config(self.cfg.train, plan, self.device, self.source)
+        if resolved.conflicts and self.rank == 0:
             print(
                 "mmt: train.ds_config overrides the generated DeepSpeed config:\n  "
-                + "\n  ".join(self.ds_conflicts),
+                + "\n  ".join(resolved.conflicts),
                 file=sys.stderr,
             )
-        self.ds_config = ds
+        return resolved.plan, resolved.config, resolved.conflicts
 
-        # Resume point (rank 0 decides, every rank follows the same path).
-        tag_dir = None
-        if self.rank == 0:
-            tag_dir = resume_point(t.resume, self.run_dir)
+    def build_resume(self) -> tuple[Path | None, ResumePlan | None, str | None]:
+        """The checkpoint to resume from (rank 0 decides, every rank follows), how it loads here (patched into
+        the DeepSpeed config) and the MLflow run it logged to.
+
+        Same world size: DeepSpeed's files load as saved; another world size: rank 0 converts them to a universal
+        checkpoint first; anything that would not load exactly is refused here, before any work."""
+        t = self.cfg.train
+        tag_dir = resume_point(t.resume, self.run_dir) if self.rank == 0 else None
         tag_dir = D.broadcast_object(str(tag_dir) if tag_dir else None)
-        self.resume_dir = Path(tag_dir) if tag_dir else None
-        resume_meta = read_meta(self.resume_dir) if self.resume_dir else None
-        self.resume_plan = None
-        if self.resume_dir is not None:
-            # Same world size: DeepSpeed's files load as saved; another world size: rank 0 converts them to a
-            # universal checkpoint first; anything that would not load exactly is refused here, before any work.
-            from mmt.training.resume import plan_resume
+        if tag_dir is None:
+            return None, None, None
+        meta = read_meta(Path(tag_dir))
+        stage = self.ds_config["zero_optimization"]["stage"]
+        with checkpoint_loading(t.trust_checkpoint):
+            plan = plan_resume(Path(tag_dir), self.world, self.rank, stage, to_dict(self.cfg), self.run_dir)
+        self.ds_config.setdefault("checkpoint", {}).update(plan.ds_config_patch()["checkpoint"])
+        return Path(tag_dir), plan, meta.get("mlflow_run_id")
 
-            with checkpoint_loading(t.trust_checkpoint):
-                self.resume_plan = plan_resume(
-                    self.resume_dir,
-                    self.world,
-                    self.rank,
-                    ds["zero_optimization"]["stage"],
-                    to_dict(cfg),
-                    self.run_dir,
-                )
-            ds.setdefault("checkpoint", {}).update(self.resume_plan.ds_config_patch()["checkpoint"])
-
-        # Model: identical initial weights on every rank, then per-rank random streams.
-        import mmt
-
+    def build_model(self) -> torch.nn.Module:
+        """The model with identical initial weights on every rank (``train.seed``, or ``train.init_weights``);
+        then every rank's random streams are seeded apart."""
+        t = self.cfg.train
         torch.manual_seed(t.seed)
-        model = mmt.create_model(cfg.model)
+        model = create_model(self.cfg.model)
         if self.resume_dir is None and t.init_weights:
-            from mmt.ckpt.pretrained import init_weights
-
             with checkpoint_loading(t.trust_checkpoint):
                 init_weights(model, t.init_weights, t.init_weights_only)
-        self.task: Task = build_task(cfg.model, t)
         if t.activation_checkpointing:
-            from mmt.training.activation_checkpointing import apply_activation_checkpointing
-
             apply_activation_checkpointing(model)
-        # Before DeepSpeed: ZeRO-3 partitions parameters, after which numel() no longer counts them.
-        self.flops_per_sample = self.task.flops_per_sample(model.flops_per_sample())
-        self.tokens_per_sample = model.tokens_per_sample()
-        self.num_parameters = model.num_parameters()
-        seed_everything(t.seed, self.rank)
+        seed_everything(t.seed, self.rank)  # identical weights everywhere, then per-rank random streams
+        return model
 
-        # Data.
-        self.train_loader = self.train_loader_factory(cfg, self.rank, self.world, self.plan)
-        self.total_steps = self._total_steps()
+    def build_train_loader(self, factory: LoaderFactory) -> TrainLoader:
+        loader = factory(self.cfg, self.rank, self.world, self.plan)
+        self.resources.callback(suppressed, loader.close)
+        return loader
 
-        # Tracker: rank 0 opens (or reopens) the MLflow run, the others only learn its id.
-        run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
-        self.logger = build_logger(cfg, self.rank, run_id, self.total_steps, self.run_dir)
-        self.run_id = D.broadcast_object(self.logger.run_id)
+    def build_logger(self, run_id: str | None) -> Logger:
+        """Rank 0 opens (or, resuming, reopens) the MLflow run; the other ranks only learn its id."""
+        logger = build_logger(self.cfg, self.rank, run_id, self.total_steps, self.run_dir)
+        self.resources.callback(lambda: suppressed(logger.close, self.status))
+        return logger
 
-        self.engine = initialize_for_training(model, t, ds, self.total_steps)
-        # ZeRO-0 fp32 does not keep the norm it clips with; measure it (grads are all-reduced by then).
-        self._own_grad_norm = t.zero_stage == 0 and t.precision == "fp32"
-        self._grad_norm: float | None = None
-        self._step_lr = float("nan")
-        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, self.rank)
+    def build_engine(self, model: torch.nn.Module) -> Any:
+        engine = initialize_for_training(model, self.cfg.train, self.ds_config, self.total_steps)
+        self.resources.callback(self.destroy_engine)
+        return engine
 
+    def build_position(self) -> tuple[int, int, list[list]]:
+        """Step, samples seen, and the world-size history: ``[step, world size, hostnames]`` each time the run
+        (re)started on another world size (node losses and regrowth under Slurm, ``slurm.min_nodes``, show up
+        here and in the tag ``mmt.world_sizes``). Zero for a new run, else restored from the checkpoint."""
+        step, samples_seen, world_sizes = 0, 0, []
         if self.resume_plan is not None:
-            self._restore(self.resume_plan)
-        self._note_world_size()
-        if self.rank == 0:
-            clear_marker(self.run_dir)
-            self._log_run_start()
+            step, samples_seen, world_sizes = self.restore(self.resume_plan)
+        hosts = ",".join(sorted(set(self.hostnames)))
+        if world_sizes and world_sizes[-1][1] != self.world and self.rank == 0:
+            print(
+                f"mmt: world size changed from {world_sizes[-1][1]} to {self.world} ranks at step {step} "
+                f"(hosts {hosts}); global batch stays {self.plan.global_batch}",
+                flush=True,
+            )
+        if not world_sizes or world_sizes[-1][1] != self.world:
+            world_sizes.append([step, self.world, hosts])
+        return step, samples_seen, world_sizes
 
-    def _restore(self, plan: Any) -> None:
-        from mmt.ckpt.resume import load_for_resume
-        from mmt.training.resume import drop_converted
-
+    def restore(self, plan: ResumePlan) -> tuple[int, int, list[list]]:
+        """Load the checkpoint into the engine, the loader's position and the RNG streams; returns the step,
+        the samples seen and the world-size history it was saved with."""
         with checkpoint_loading(self.cfg.train.trust_checkpoint):  # DeepSpeed unpickles the files itself
             client = load_for_resume(self.engine, plan)
         drop_converted(plan, self.rank)
         state = ClientState.from_client_state(client)
-        self.step = int(state.step)
-        self.samples_seen = int(state.samples_seen)
-        self.world_sizes = [list(x) for x in state.world_sizes or [[0, plan.saved_world_size, ""]]]
+        step, samples_seen = int(state.step), int(state.samples_seen)
         loader_state = state.rank_loader(self.rank)
         if loader_state is not None:
             self.train_loader.load_state_dict(loader_state)
@@ -235,66 +282,42 @@ class Trainer:
         if rng is not None and plan.saved_world_size == self.world:
             restore_rng(rng)
         else:  # a rank the saved run did not have (or a different layout): a fresh, reproducible stream
-            seed_everything(self.cfg.train.seed + 1_000_003 * self.step, self.rank)
+            seed_everything(self.cfg.train.seed + 1_000_003 * step, self.rank)
         if self.rank == 0:
             print(
-                f"mmt: resumed from {self.resume_dir} at step {self.step} ({self.samples_seen} samples): "
+                f"mmt: resumed from {self.resume_dir} at step {step} ({samples_seen} samples): "
                 f"{plan.describe()}",
                 flush=True,
             )
+        return step, samples_seen, [list(x) for x in state.world_sizes or [[0, plan.saved_world_size, ""]]]
 
-    def _note_world_size(self) -> None:
-        """Append this start to the world-size history when the world size differs from the last one."""
-        hosts = ",".join(sorted(set(self._hostnames)))
-        if self.world_sizes and self.world_sizes[-1][1] == self.world:
-            return
-        if self.world_sizes and self.rank == 0:
-            print(
-                f"mmt: world size changed from {self.world_sizes[-1][1]} to {self.world} ranks at step "
-                f"{self.step} (hosts {hosts}); global batch stays {self.plan.global_batch}",
-                flush=True,
-            )
-        self.world_sizes.append([self.step, self.world, hosts])
-
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        if not hasattr(self.train_loader, "num_samples"):
-            from mmt.config import ConfigError
-
-            raise ConfigError(
-                self.source,
-                "train.epochs",
-                "this loader does not know the training set size "
-                "(data.loader=streaming); set train.max_steps",
-            )
-        n = self.train_loader.num_samples
-        steps_per_epoch = n // self.plan.global_batch
-        if steps_per_epoch == 0:
-            from mmt.config import ConfigError
-
-            raise ConfigError(
-                self.source,
-                "train.epochs",
-                f"the training set has {n} samples, fewer than one global batch ({self.plan.global_batch})",
-            )
-        return max(1, math.ceil(t.epochs * steps_per_epoch))
-
-    def _log_run_start(self) -> None:
+    def log_run_start(self) -> None:
+        """Rank 0: the resolved config and DeepSpeed JSON as artifacts, params, tags, and one console line."""
         cfg_path = save_config(self.cfg, self.run_dir / "config.yaml")
         patterns = secret_patterns(self.cfg.tracking.redact_keys)
         ds_path = atomic_write_text(
             self.run_dir / "ds_config.json", json.dumps(redact(self.ds_config, patterns), indent=2) + "\n"
         )
         self.logger.log_params(flatten(redacted_config(self.cfg)))
+        self.logger.set_tags(self.run_tags())
+        self.logger.log_artifact(cfg_path)
+        self.logger.log_artifact(ds_path)
+        print(
+            f"mmt: run dir {self.run_dir} | world size {self.world} ({self.env.launcher}, {self.device.type}) | "
+            f"{self.num_parameters / 1e6:.2f}M params | global batch {self.plan.global_batch} = "
+            f"{self.plan.micro_batch} x {self.plan.grad_accum} x {self.world} | ZeRO {self.cfg.train.zero_stage} "
+            f"{self.cfg.train.precision} | MLflow run {self.logger.run_id}",
+            flush=True,
+        )
+
+    def run_tags(self) -> dict[str, str]:
         tags = system_tags(self.env, self.device)
         tags.update(
             {
                 "mmt.run_dir": str(self.run_dir),
                 "mmt.checkpoint_dir": str(self.ckpt.root),
                 "mmt.task": self.cfg.train.task,
-                "mmt.hostnames": ",".join(sorted(set(self._hostnames))),
+                "mmt.hostnames": ",".join(sorted(set(self.hostnames))),
                 "mmt.num_parameters": str(self.num_parameters),
                 "mmt.global_batch": str(self.plan.global_batch),
                 "mmt.micro_batch": str(self.plan.micro_batch),
@@ -308,19 +331,131 @@ class Trainer:
             tags["mmt.resumed_from"] = str(self.resume_dir)
         if self.ds_conflicts:
             tags["mmt.ds_config_conflicts"] = "; ".join(self.ds_conflicts)
-        self.logger.set_tags(tags)
-        self.logger.log_artifact(cfg_path)
-        self.logger.log_artifact(ds_path)
-        print(
-            f"mmt: run dir {self.run_dir} | world size {self.world} ({self.env.launcher}, {self.device.type}) | "
-            f"{self.num_parameters / 1e6:.2f}M params | global batch {self.plan.global_batch} = "
-            f"{self.plan.micro_batch} x {self.plan.grad_accum} x {self.world} | ZeRO {self.cfg.train.zero_stage} "
-            f"{self.cfg.train.precision} | MLflow run {self.logger.run_id}",
-            flush=True,
+        return tags
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        """Train to ``total_steps`` (or to a preemption), then release everything, whatever happened."""
+        status, preempted = FAILED, False
+        try:
+            result = self.train()
+            preempted = result.preempted
+            status = KILLED if preempted else FINISHED
+            if self.rank == 0 and not preempted:
+                self.write_final(result)
+            return result
+        except KeyboardInterrupt:
+            status = KILLED
+            raise
+        finally:
+            self.close(status, preempted)
+
+    def train(self) -> TrainResult:
+        """The loop: each step first checks for a preemption, then trains, logs, evaluates and saves when due."""
+        self.meter = StepMeter()  # the first log interval's clock starts with the loop
+        self.engine.train()
+        with ProgressBar(self.rank == 0 and self.cfg.train.progress_bar, self.total_steps, self.step) as bar:
+            while self.step < self.total_steps:
+                if self.maybe_preempt():
+                    return self.result(PREEMPTED_EXIT_CODE, preempted=True)
+                self.train_step(self.next_batch())
+                bar.update()
+                self.maybe_log(bar)
+                self.maybe_evaluate()
+                self.maybe_checkpoint()
+            self.finish()
+        return self.result(0)
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next batch on the device; the time this blocks is the step's data wait."""
+        with torch.random.fork_rng(devices=[]):
+            # Creating a DataLoader iterator draws from the global torch RNG; keep those draws out of the
+            # model's stream, or a resumed run (new iterator mid-epoch) would drift from an uninterrupted one.
+            batch = self.meter.data.fetch(self.batches, self.device)
+        if self.cfg.train.record_keys:
+            self.record_keys(batch)
+        return batch
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        """One optimizer step on this rank's share of the global batch, in ``grad_accum`` micro batches."""
+        log_now = (self.step + 1) % self.cfg.train.log_interval == 0 or self.step + 1 == self.total_steps
+        for micro in split_micro(batch, self.plan.grad_accum):
+            res = self.task.step(self.engine, micro, self.device, self.dtype)
+            self.engine.backward(res.loss)
+            if log_now and self.engine.is_gradient_accumulation_boundary():
+                self.step_lr = float(self.engine.get_lr()[0])  # the lr this step applies
+                if self.own_grad_norm:
+                    self.grad_norm = grad_norm(self.engine.module)
+            self.engine.step()
+            self.meter.add(res.metrics)
+            self.meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
+        self.meter.data.step_done()
+        self.step += 1
+        self.samples_seen += self.plan.global_batch
+        self.meter.samples += self.plan.global_batch
+
+    def maybe_preempt(self) -> bool:
+        """When any rank got a preemption signal: every rank saves, rank 0 leaves the marker; True to stop."""
+        if not self.preempt.should_stop(self.device):
+            return False
+        self.last_checkpoint = self.save()
+        got = D.gather_objects(self.preempt.received.name if self.preempt.received else None)
+        signame = ",".join(sorted({g for g in got if g})) or "unknown"
+        if self.rank == 0:
+            write_marker(self.run_dir, self.step, str(self.last_checkpoint), signame)
+            # Which ranks the signal itself reached: the flag is all-reduced, so every rank stops either way,
+            # but a launcher that does not forward the signal to every node shows here.
+            reached = sorted({self.hostnames[r] for r, g in enumerate(got) if g})
+            print(
+                f"mmt: preempted ({signame}) at step {self.step}; the signal reached "
+                f"{sum(1 for g in got if g)} of {self.world} ranks (on {','.join(reached)}); "
+                f"checkpoint {self.last_checkpoint}; exit {PREEMPTED_EXIT_CODE}",
+                flush=True,
+            )
+            self.logger.set_tags({"mmt.preempted_at_step": str(self.step)})
+        return True
+
+    def maybe_log(self, bar: ProgressBar) -> None:
+        if self.step % self.cfg.train.log_interval and self.step != self.total_steps:
+            return
+        self.last_train = self.log_train()
+        bar.show_loss(self.last_train.get("train/loss", float("nan")))
+        self.meter = StepMeter()
+
+    def maybe_evaluate(self) -> None:
+        interval = self.cfg.train.eval_interval
+        if self.cfg.data.val_urls and interval and self.step % interval == 0 and self.step < self.total_steps:
+            self.last_eval = self.evaluate()
+            self.engine.train()
+
+    def maybe_checkpoint(self) -> None:
+        interval = self.cfg.train.checkpoint_interval
+        if interval and self.step % interval == 0 and self.step < self.total_steps:
+            self.last_checkpoint = self.save()
+
+    def finish(self) -> None:
+        """After the last step: the final evaluation and checkpoint (when any are configured)."""
+        t = self.cfg.train
+        if self.cfg.data.val_urls and (t.eval_at_end or t.eval_interval):
+            self.last_eval = self.evaluate()
+        if t.checkpoint_at_end or t.checkpoint_interval:
+            self.last_checkpoint = self.save()
+
+    def result(self, exit_code: int, preempted: bool = False) -> TrainResult:
+        return TrainResult(
+            exit_code,
+            self.step,
+            self.samples_seen,
+            self.run_dir,
+            self.last_checkpoint,
+            self.run_id,
+            self.last_train,
+            self.last_eval,
+            preempted=preempted,
         )
 
-    # ------------------------------------------------------------------------------------------------ loop
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    # ------------------------------------------------------------------------------------------------ steps
+    def batches_forever(self) -> Iterator[dict[str, Any]]:
         """Training batches forever: a new epoch starts when the loader's epoch ends."""
         while True:
             got = False
@@ -333,13 +468,34 @@ class Trainer:
                     f"global batch of {self.plan.global_batch}?)"
                 )
 
-    def _record_keys(self, batch: dict[str, Any]) -> None:
+    def record_keys(self, batch: dict[str, Any]) -> None:
         path = self.run_dir / "keys" / f"rank_{self.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"step": self.step, "keys": list(batch.get("keys", []))}) + "\n")
 
-    def _eval(self) -> dict[str, float]:
+    def log_train(self) -> dict[str, float]:
+        """The interval's metrics, reduced over ranks (every rank takes part), logged by rank 0."""
+        means, tokens, elapsed = self.meter.reduce(self.device)
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        sps = self.meter.samples / max(elapsed, 1e-9)
+        metrics["train/lr"] = self.step_lr
+        gn = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        if gn is not None:
+            metrics["train/grad_norm"] = float(gn)
+        metrics["train/samples_per_s"] = sps
+        metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+        metrics["train/epoch"] = float(self.train_loader.epoch)
+        u = mfu(self.flops_per_sample, sps, self.world, self.peak_flops)
+        if u is not None:
+            metrics["train/mfu"] = u
+        if self.cfg.tracking.log_system_metrics:
+            metrics.update(memory_metrics(self.device))
+            metrics.update(self.node_meter.reduce(self.train_loader))
+        self.logger.log(metrics, self.step)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
         t = self.cfg.train
         batch = t.eval_batch or self.plan.micro_batch
         loader = self.eval_loader_factory(self.cfg, self.rank, self.world, batch)
@@ -354,21 +510,17 @@ class Trainer:
                     t.eval_max_batches,
                 )
         finally:
-            close = getattr(loader, "close", None)
-            if callable(close):
-                close()
+            loader.close()
         self.logger.log(metrics, self.step)
         return metrics
 
-    def _save(self) -> Path:
-        rng = D.gather_objects(capture_rng())
-        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        loader_states = D.gather_objects(loader_state)
+    def save(self) -> Path:
+        """Every rank saves its shard; the client state carries every rank's RNG and loader position."""
         client = ClientState(
             step=self.step,
             samples_seen=self.samples_seen,
-            rng_states=rng,
-            loader_states=loader_states,
+            rng_states=D.gather_objects(capture_rng()),
+            loader_states=D.gather_objects(self.train_loader.state_dict()),
             mlflow_run_id=self.run_id,
             world_size=self.world,
             world_sizes=self.world_sizes,
@@ -385,182 +537,9 @@ class Trainer:
             "global_batch": self.plan.global_batch,
             "time": time.time(),
         }
-        path = self.ckpt.save(self.engine, self.step, client, meta)
-        return path
+        return self.ckpt.save(self.engine, self.step, client, meta)
 
-    def _loop(self) -> TrainResult:
-        t = self.cfg.train
-        has_val = bool(self.cfg.data.val_urls)
-        preempt = self._preempt
-        bar = None
-        if self.rank == 0 and t.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                mininterval=1.0,
-            )
-        peak = peak_flops_per_device(self.device, t.precision, t.peak_tflops)
-        meter = StepMeter()
-        last_train: dict[str, float] = {}
-        last_eval: dict[str, float] = {}
-        last_ckpt: Path | None = self.resume_dir
-        batches = self._batches()
-        self.engine.train()
-        try:
-            while self.step < self.total_steps:
-                if preempt.should_stop(self.device):
-                    last_ckpt = self._save()
-                    got = D.gather_objects(preempt.received.name if preempt.received else None)
-                    signame = ",".join(sorted({g for g in got if g})) or "unknown"
-                    if self.rank == 0:
-                        write_marker(self.run_dir, self.step, str(last_ckpt), signame)
-                        # Which ranks the signal itself reached: the flag is all-reduced, so every rank stops
-                        # either way, but a launcher that does not forward the signal to every node shows here.
-                        reached = sorted({self._hostnames[r] for r, g in enumerate(got) if g})
-                        print(
-                            f"mmt: preempted ({signame}) at step {self.step}; the signal reached "
-                            f"{sum(1 for g in got if g)} of {self.world} ranks (on {','.join(reached)}); "
-                            f"checkpoint {last_ckpt}; exit {PREEMPTED_EXIT_CODE}",
-                            flush=True,
-                        )
-                        self.logger.set_tags({"mmt.preempted_at_step": str(self.step)})
-                    return TrainResult(
-                        PREEMPTED_EXIT_CODE,
-                        self.step,
-                        self.samples_seen,
-                        self.run_dir,
-                        last_ckpt,
-                        self.run_id,
-                        last_train,
-                        last_eval,
-                        preempted=True,
-                    )
-                with torch.random.fork_rng(devices=[]):
-                    # Creating a DataLoader iterator draws from the global torch RNG; keep those draws out of the
-                    # model's stream, or a resumed run (new iterator mid-epoch) would drift from an uninterrupted one.
-                    batch = meter.data.fetch(batches, self.device)
-                if t.record_keys:
-                    self._record_keys(batch)
-                log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == self.total_steps
-                for micro in split_micro(batch, self.plan.grad_accum):
-                    res = self.task.step(self.engine, micro, self.device, self.dtype)
-                    self.engine.backward(res.loss)
-                    if log_now and self.engine.is_gradient_accumulation_boundary():
-                        self._step_lr = float(self.engine.get_lr()[0])  # the lr this step applies
-                        if self._own_grad_norm:
-                            self._grad_norm = grad_norm(self.engine.module)
-                    self.engine.step()
-                    meter.add(res.metrics)
-                    meter.tokens += count_tokens(res.kwargs, res.present, self.tokens_per_sample)
-                meter.data.step_done()
-                self.step += 1
-                self.samples_seen += self.plan.global_batch
-                meter.samples += self.plan.global_batch
-                if bar is not None:
-                    bar.update(1)
-
-                if self.step % t.log_interval == 0 or self.step == self.total_steps:
-                    last_train = self._log_train(meter, peak)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{last_train.get('train/loss', float('nan')):.4f}", refresh=False
-                        )
-                    meter = StepMeter()
-                if (
-                    has_val
-                    and t.eval_interval
-                    and self.step % t.eval_interval == 0
-                    and self.step < self.total_steps
-                ):
-                    last_eval = self._eval()
-                    self.engine.train()
-                if (
-                    t.checkpoint_interval
-                    and self.step % t.checkpoint_interval == 0
-                    and self.step < self.total_steps
-                ):
-                    last_ckpt = self._save()
-            if has_val and (t.eval_at_end or t.eval_interval):
-                last_eval = self._eval()
-            if t.checkpoint_at_end or t.checkpoint_interval:
-                last_ckpt = self._save()
-        finally:
-            if bar is not None:
-                bar.close()
-        return TrainResult(
-            0, self.step, self.samples_seen, self.run_dir, last_ckpt, self.run_id, last_train, last_eval
-        )
-
-    def _log_train(self, meter: StepMeter, peak: float | None) -> dict[str, float]:
-        means, tokens, elapsed = meter.reduce(self.device)
-        metrics = {f"train/{k}": v for k, v in means.items()}
-        sps = meter.samples / max(elapsed, 1e-9)
-        metrics["train/lr"] = self._step_lr
-        gn = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
-        if gn is not None:
-            metrics["train/grad_norm"] = float(gn)
-        metrics["train/samples_per_s"] = sps
-        metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
-        metrics["train/epoch"] = float(getattr(self.train_loader, "epoch", 0))
-        u = mfu(self.flops_per_sample, sps, self.world, peak)
-        if u is not None:
-            metrics["train/mfu"] = u
-        if self.cfg.tracking.log_system_metrics:
-            metrics.update(memory_metrics(self.device))
-            metrics.update(self._node_meter.reduce(self.train_loader))
-        self.logger.log(metrics, self.step)
-        return metrics
-
-    # ------------------------------------------------------------------------------------------------ run
-    def run(self) -> TrainResult:
-        status = FAILED
-        preempted = False
-        # Installed first: a SIGTERM during the (slow) setup is honoured at the first step boundary.
-        self._preempt = PreemptionFlag(parse_signals(self.cfg.train.preempt_signals))
-        try:
-            self._setup()
-            result = self._loop()
-            preempted = result.preempted
-            status = KILLED if preempted else FINISHED
-            if self.rank == 0 and not result.preempted:
-                self._write_final(result)
-            return result
-        except KeyboardInterrupt:
-            status = KILLED
-            raise
-        finally:
-            if preempted:
-                # The checkpoint is complete and every rank is leaving: a launcher's SIGTERM (srun kills the other
-                # ranks when the first exits with 75) must not cut the rest of this shutdown short.
-                self._preempt.shield()
-            else:
-                self._preempt.restore()
-            with suppress(Exception):
-                self.logger.close(status)
-            close = getattr(getattr(self, "train_loader", None), "close", None)
-            if callable(close):
-                with suppress(Exception):
-                    close()
-            # The engine holds the process groups, and its ZeRO optimizer is kept alive by the gradient hooks it
-            # left on the parameters (a cycle through autograd that Python's collector cannot see): release it
-            # with DeepSpeed's `destroy` first, so the teardown frees the groups and joins their threads before
-            # the interpreter shuts down (see `destroy_process_groups`).
-            engine, self.engine = getattr(self, "engine", None), None
-            if engine is not None:
-                with suppress(Exception):
-                    engine.destroy()
-                del engine
-            # After a failure peers may be gone: no barrier, just release the groups.
-            with suppress(Exception) if status == FAILED else nullcontext():
-                D.teardown_distributed(getattr(self, "_created_pg", False), sync=status != FAILED)
-
-    def _write_final(self, result: TrainResult) -> None:
+    def write_final(self, result: TrainResult) -> None:
         final = {
             "step": result.step,
             "samples_seen": result.samples_seen,
@@ -568,16 +547,73 @@ class Trainer:
             "eval": result.eval_metrics,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
             "mlflow_run_id": self.run_id,
-            "tracking_uri": getattr(self._mlflow(), "uri", None),
+            "tracking_uri": tracking_uri(self.logger),
         }
         path = atomic_write_text(self.run_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
         self.logger.log_artifact(path)
 
-    def _mlflow(self) -> Any:
-        for lg in getattr(self.logger, "loggers", []):
-            if hasattr(lg, "uri"):
-                return lg
-        return None
+    # ------------------------------------------------------------------------------------------------ close
+    def close(self, status: str, preempted: bool = False) -> None:
+        """Release what `__init__` built, newest first: the engine, the tracker (ending its run with
+        ``status``), the loader, the process group."""
+        if preempted:
+            # The checkpoint is complete and every rank is leaving: a launcher's SIGTERM (srun kills the other
+            # ranks when the first exits with 75) must not cut the rest of this shutdown short.
+            self.preempt.shield()
+        else:
+            self.preempt.restore()
+        self.status = status
+        self.resources.close()
+
+    def destroy_engine(self) -> None:
+        """The engine holds the process groups, and its ZeRO optimizer is kept alive by the gradient hooks it left
+        on the parameters (a cycle through autograd that Python's collector cannot see): release it with
+        DeepSpeed's `destroy` first, so the teardown frees the groups and joins their threads before the
+        interpreter shuts down (see `destroy_process_groups`)."""
+        engine, self.engine = self.engine, None
+        suppressed(engine.destroy)
+        del engine
+
+    def teardown_distributed(self, created: bool) -> None:
+        # After a failure peers may be gone: no barrier, just release the groups.
+        with suppress(Exception) if self.status == FAILED else nullcontext():
+            D.teardown_distributed(created, sync=self.status != FAILED)
+
+
+def suppressed(fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)``, ignoring its failure: one release failing must not skip the others."""
+    with suppress(Exception):
+        fn(*args)
+
+
+def total_steps(cfg: Config, loader: TrainLoader, plan: BatchPlan, source: str) -> int:
+    """``train.max_steps``, else ``train.epochs`` passes over the loader's samples (it must know how many)."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    n = loader.num_samples
+    if n is None:
+        raise ConfigError(
+            source,
+            "train.epochs",
+            "this loader does not know the training set size (data.loader=streaming); set train.max_steps",
+        )
+    steps_per_epoch = n // plan.global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            source,
+            "train.epochs",
+            f"the training set has {n} samples, fewer than one global batch ({plan.global_batch})",
+        )
+    return max(1, math.ceil(t.epochs * steps_per_epoch))
+
+
+def tracking_uri(logger: Logger) -> str | None:
+    """The MLflow store of rank 0's logger stack, for ``final_metrics.json`` (None without MLflow)."""
+    for lg in getattr(logger, "loggers", []):
+        if hasattr(lg, "uri"):
+            return lg.uri
+    return None
 
 
 def format_world_sizes(history: list[list]) -> str:
