@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mmt.cliargs import run_command
+from mmt.clirun import run_command
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -37,10 +37,12 @@ DEFAULT_SECRET_KEYS: tuple[str, ...] = (
 )
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
+# Patterns as strings: `re` compiles and caches them on first use, so importing this module (which `mmt --help`
+# does) costs no regex compilation.
 # scheme://user[:password]@ ... (user-info stops at the first '/', whitespace or quote; '@' ends it)
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
+_USERINFO = r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@"
 # KEY=value or KEY: value inside text; the value runs to the next separator (comma, space, quote, ';')
-_PAIR = re.compile(r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*[=:]\s*)(?P<v>[^,;\s'\"]+)")
+_PAIR = r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*[=:]\s*)(?P<v>[^,;\s'\"]+)"
 
 
 def secret_patterns(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -57,7 +59,7 @@ def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:
 
 def redact_url(text: str) -> str:
     """``https://user:pw@host/x`` -> ``https://***@host/x``, wherever URLs occur in ``text``."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    return re.sub(_USERINFO, lambda m: f"{m.group('scheme')}{REDACTED}@", text)
 
 
 def redact_text(text: str, patterns: tuple[str, ...]) -> str:
@@ -71,11 +73,11 @@ def redact_text(text: str, patterns: tuple[str, ...]) -> str:
             else f"{m.group('k')}{m.group('sep')}{REDACTED}"
         )
 
-    return _PAIR.sub(pair, redact_url(text)) if patterns else redact_url(text)
+    return re.sub(_PAIR, pair, redact_url(text)) if patterns else redact_url(text)
 
 
 # A quoted value inside an error message: 'value' or "value" (OmegaConf's "Value 'x' could not be converted")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_QUOTED = r"'[^']*'|\"[^\"]*\""
 
 
 def redact_error_text(text: str, key: str = "") -> str:
@@ -94,7 +96,7 @@ def redact_error_text(text: str, key: str = "") -> str:
             keep = len(inner) < 2 or inner in names or re.fullmatch(r"[A-Z][A-Za-z]*Config", inner)
             return m.group(0) if keep else f"{m.group(0)[0]}{REDACTED}{m.group(0)[0]}"
 
-        text = _QUOTED.sub(quoted, text)
+        text = re.sub(_QUOTED, quoted, text)
     return text
 
 
@@ -121,7 +123,7 @@ def redact(obj: Any, patterns: tuple[str, ...], key: str = "") -> Any:
 
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
     """``http://u:p@host`` -> ``("http://host", "u", "p")``; no user-info -> ``(uri, None, None)``."""
-    m = _USERINFO.match(uri)
+    m = re.match(_USERINFO, uri)
     if not m:
         return uri, None, None
     user, _, password = m.group("info").partition(":")

@@ -171,7 +171,7 @@ def test_the_dispatcher_knows_every_listed_error_class():
     """A moved or renamed error class would silently become a traceback again: each entry must resolve."""
     import importlib
 
-    from mmt.cliargs import ERRORS
+    from mmt.clirun import ERRORS
 
     for module, cls, _ in ERRORS:
         assert issubclass(getattr(importlib.import_module(module), cls), Exception), (module, cls)

@@ -18,7 +18,7 @@ MMT = Path(__file__).resolve().parents[1] / "mmt"
 # Lowest first; a unit is a package directly under mmt/ or a top-level module. A module may import its own unit,
 # the other units of its layer (no cycles, checked below) and every unit of a lower layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("utilities", ("mmt.atomic", "mmt.secrets", "mmt.cliargs")),
+    ("utilities", ("mmt.atomic", "mmt.secrets", "mmt.cliargs", "mmt.clirun")),
     ("config", ("mmt.config",)),
     ("tracking", ("mmt.tracking",)),
     ("text and audio primitives", ("mmt.text", "mmt.audio")),

@@ -154,7 +154,7 @@ def test_errors_never_show_a_secret_value(tmp_path, capsys):
     """A refused value for a secret-named key, URL user-info in a bad value or a shard URL: one line, exit 2,
     `***` in the secret's place."""
     from mmt.cli import main
-    from mmt.cliargs import error_line
+    from mmt.clirun import error_line
     from mmt.config.named import CONFIG_DIR
     from mmt.data.faults import DataError
 

@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from mmt.cliargs import ArgumentParser, run_command
+from mmt.cliargs import ArgumentParser
+from mmt.clirun import run_command
 from mmt.config import load_config
 from mmt.training.evaluation_run import evaluate_checkpoint
 from mmt.training.trainer import train
