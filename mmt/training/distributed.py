@@ -129,7 +129,12 @@ def setup_distributed(
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     created = not dist.is_initialized()
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as a default argument when first imported; if
+    # that happens while a group exists (DeepSpeed imports it from deepspeed.initialize), ten of its functions
+    # hold the world group forever: destroy_process_group then cannot free it, and its gloo threads meet the
+    # interpreter's shutdown (seen: the one gloo group still alive after teardown). Imported first, they bind None.
     import deepspeed
+    import torch.distributed.nn  # noqa: F401
 
     if created:
         for attempt in range(PORT_ATTEMPTS):
@@ -238,8 +243,9 @@ def destroy_process_groups() -> None:
     to free; a rank that exits with live gloo groups can abort there ("terminate called without an active
     exception"). DeepSpeed's own ``deepspeed.comm.destroy_process_group`` drops its references with the groups,
     the trainer releases its engine first (``engine.destroy()`` removes the hooks), and the collection below frees
-    what that left, so those group destructors join their threads here. (One group's threads were still seen
-    after this; what holds it is not identified.)
+    what that left, so those group destructors join their threads here. The last holder was
+    ``torch.distributed.nn.functional``'s default arguments: `setup_distributed` imports it before any group
+    exists.
     """
     try:
         import deepspeed.comm as ds_dist
