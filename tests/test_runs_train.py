@@ -45,6 +45,7 @@ def _train_two_runs(tmp: Path, urls: str, val_urls: str, experiment: str, uri: s
         env = {"MLFLOW_TRACKING_URI": uri} if via_env else {}
         run([str(BIN / "mmt"), "train", str(cfg)], cwd=tmp, timeout=300, **env)
         final = json.loads((run_dir / "final_metrics.json").read_text())
+        assert final["tracking_uri"] == uri, final  # what mmt demo prints as the store to browse
         out[kind] = (final["mlflow_run_id"], run_dir)
     return out
 

@@ -39,7 +39,8 @@ from mmt.data.protocol import EvalLoader, TrainLoader
 from mmt.model.factory import create_model
 from mmt.precision import torch_dtype
 from mmt.secrets import redact, secret_patterns
-from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger
+from mmt.tracking.logger import FAILED, FINISHED, KILLED, Logger, MultiLogger, RedactingLogger
+from mmt.tracking.mlflow_logger import MLflowLogger
 from mmt.training import distributed as D
 from mmt.training.activation_checkpointing import apply_activation_checkpointing
 from mmt.training.batching import BatchPlan, resolve_batch
@@ -609,11 +610,11 @@ def total_steps(cfg: Config, loader: TrainLoader, plan: BatchPlan, source: str) 
 
 
 def tracking_uri(logger: Logger) -> str | None:
-    """The MLflow store of rank 0's logger stack, for ``final_metrics.json`` (None without MLflow)."""
-    for lg in getattr(logger, "loggers", []):
-        if hasattr(lg, "uri"):
-            return lg.uri
-    return None
+    """The MLflow store rank 0 logs to (its URL user-info redacted), for ``final_metrics.json`` and the closing
+    lines of ``mmt demo``; None without MLflow. `build_logger` wraps the backends in a `RedactingLogger`."""
+    inner = logger.inner if isinstance(logger, RedactingLogger) else logger
+    backends = inner.loggers if isinstance(inner, MultiLogger) else [inner]
+    return next((redact(lg.uri, ()) for lg in backends if isinstance(lg, MLflowLogger)), None)
 
 
 def format_world_sizes(history: list[list]) -> str:
