@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_ckpt.py --synthetic-gb 0.5 1 2 4   # the base model, then synthetic sizes
     .venv/bin/python benchmarks/bench_ckpt.py --no-model --synthetic-gb 2 # synthetic sizes only
 
-Makes a real ZeRO-3 checkpoint of the model (``torchrun -m mmt.ckpt.harness``, one training step, fp32) and, with
-``--synthetic-gb``, ZeRO-3 checkpoints of that many GB of fp32 weights in DeepSpeed's file layout (no training).
+Makes a real ZeRO-3 checkpoint of the model (one training step through mmt's engine, fp32, saved by mmt's
+``CheckpointManager``; this file under torchrun) and, with ``--synthetic-gb``, ZeRO-3 checkpoints of that many
+GB of fp32 weights in DeepSpeed's file layout (no training).
 On each, both converters run ``--repeats`` times, side by side (alternating which goes first), each in its own
 fresh process, together with a process that only imports torch and deepspeed (the shared baseline).
 
@@ -94,26 +95,51 @@ def measure(mode: str, *args: str) -> dict:
 
 
 def make_checkpoint(model: str, nproc: int, run_dir: Path) -> None:
-    from mmt.ckpt.harness import launch_command, launch_env
-
-    env = {**launch_env(), "DS_ACCELERATOR": "cpu"}
-    cmd = launch_command(
-        run_dir,
-        nproc,
-        "--model",
-        model,
-        "--zero-stage",
-        "3",
-        "--steps",
-        "1",
-        "--save-at",
-        "1",
-        "--global-batch",
-        str(nproc),
-    )
+    """A real ZeRO-3 checkpoint of ``model`` on ``nproc`` ranks: this file run under torchrun with
+    ``--make-checkpoint`` (`train_one_step_and_save`)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "benchmarks.bench_ckpt", "--make-checkpoint", str(run_dir), "--model", model]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"making the checkpoint failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+
+
+def train_one_step_and_save(model: str, run_dir: Path) -> None:
+    """On every rank: one training step of ``model`` (fp32, ZeRO-3, one sample per rank) through mmt's engine and
+    task loss, saved by mmt's `CheckpointManager` with the run's config in ``mmt_meta.json``, as `mmt train` does."""
+    import torch
+
+    import mmt
+    from benchmarks.bench_train import _batch
+    from mmt.ckpt.client_state import ClientState
+    from mmt.ckpt.manager import CheckpointManager
+    from mmt.config import to_dict
+    from mmt.training.batching import resolve_batch
+    from mmt.training.distributed import setup_distributed, teardown_distributed
+    from mmt.training.engine import build_ds_config, initialize_for_training
+    from mmt.training.tasks import build_task
+
+    env, dev, created = setup_distributed("cpu", "gloo", 600)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            batch, cfg = _batch(Path(tmp), model, 1)
+        world = env.world_size
+        t = cfg.train
+        t.zero_stage, t.precision, t.global_batch, t.micro_batch, t.grad_accum = 3, "fp32", world, 1, 1
+        torch.manual_seed(0)
+        engine = initialize_for_training(
+            mmt.create_model(cfg.model), t, build_ds_config(t, resolve_batch(t, world), dev)
+        )
+        engine.backward(build_task(cfg.model, t).step(engine, batch, dev, torch.float32).loss)
+        engine.step()
+        client = ClientState(step=1, samples_seen=world, world_size=world)
+        meta = {"step": 1, "samples_seen": world, "world_size": world, "zero_stage": 3, "dtype": "fp32"}
+        manager = CheckpointManager(run_dir, keep_last=0, rank=env.rank)
+        manager.save(engine, 1, client.to_client_state(), {**meta, "config": to_dict(cfg)})
+        engine.destroy()
+    finally:
+        teardown_distributed(created)
 
 
 def make_synthetic_checkpoint(save_dir: Path, gb: float, world: int = 2) -> None:
@@ -276,7 +302,11 @@ def main() -> int:
         help="also synthetic ZeRO-3 checkpoints of these sizes (GB of fp32 weights, 2 ranks, 16 MiB layers)",
     )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--make-checkpoint", default=None, help=argparse.SUPPRESS)  # a rank of `make_checkpoint`
     args = p.parse_args()
+    if args.make_checkpoint:
+        train_one_step_and_save(args.model, Path(args.make_checkpoint))
+        return 0
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     rows: list[dict] = []
     try:

@@ -1,4 +1,4 @@
-"""Shared fixtures of the checkpoint-tool tests: real DeepSpeed checkpoints made by `mmt.ckpt.harness`.
+"""Shared fixtures of the checkpoint-tool tests: real DeepSpeed checkpoints made by `tests.ckpt_harness`.
 
 One 2-rank run per ZeRO stage serves every test of the session (each torchrun launch costs ~10 s). Each run
 trains the tiny tri-modal model for 4 steps, saves at step 2 and dumps the live parameters at the save, so tests
@@ -8,13 +8,13 @@ compare converted weights with what the engine actually held.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from mmt.ckpt.harness import launch_command, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "model" / "tiny_tri.yaml"
@@ -22,16 +22,13 @@ SAVE_STEP = 2
 STEPS = 4
 
 
-def harness_env() -> dict[str, str]:
-    env = launch_env()
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def run_harness(run_dir: Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node N -m mmt.ckpt.harness --run-dir RUN_DIR ARGS`` (must succeed)."""
-    cmd = launch_command(run_dir, nproc, *args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(), timeout=timeout, cwd=REPO)
+    """``torchrun --standalone --nproc_per_node N -m tests.ckpt_harness --run-dir RUN_DIR ARGS`` (must succeed;
+    DeepSpeed on CPU from the environment `tests/conftest.py` sets)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "tests.ckpt_harness", "--run-dir", str(run_dir), *args]
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise AssertionError(f"harness failed ({' '.join(cmd)}):\n{tail}")

@@ -7,14 +7,13 @@ one 3-rank launch saves the LM at ZeRO-3 and then dies half-way through a second
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from mmt.ckpt.harness import launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAM = REPO / "tests" / "ds_plain_program.py"
@@ -34,7 +33,7 @@ _MADE: dict[int, Path] = {}
 def _launch(out: Path, nproc: int, saves: tuple[str, ...], *extra: str, must_succeed: bool = True) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += [str(PROGRAM), "--out", str(out), "--saves", *saves, *extra]
-    env = {**launch_env(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # DeepSpeed on CPU: tests/conftest.py
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     done = all((out / _folder(s) / "done").is_file() for s in saves)
     if (must_succeed and proc.returncode != 0) or not done:

@@ -1,6 +1,6 @@
 """Resume on another world size through `mmt ckpt to-universal`: weights, optimizer and step counter carry over.
 
-Every step's global batch is the same on any world size (`mmt.ckpt.harness`), so the resumed run's losses must
+Every step's global batch is the same on any world size (`tests.ckpt_harness`), so the resumed run's losses must
 continue the saved run's trajectory. Tolerance: the gradient all-reduce sums the ranks' partial gradients in a
 different order on 1 and 2 ranks, so fp32 results agree to rounding (~1e-7 relative), not bit for bit.
 """

@@ -1,5 +1,5 @@
-"""mmt's record inside DeepSpeed's ``client_state``: one typed shape, written by the trainer (and the checkpoint
-harness) under the key ``"mmt"``, read back on resume.
+"""mmt's record inside DeepSpeed's ``client_state``: one typed shape, written by the trainer under the key
+``"mmt"``, read back on resume.
 
 DeepSpeed writes ``client_state`` once for all ranks, so the per-rank parts (random states, loader positions) are
 gathered from every rank before the save and picked per rank on resume.
@@ -32,8 +32,8 @@ class ClientState:
 
     @classmethod
     def from_client_state(cls, client: dict[str, Any]) -> ClientState:
-        """The record in what ``engine.load_checkpoint`` returned; a flat dict (checkpoints of older harness
-        versions) is read as the record itself, unknown keys are ignored."""
+        """The record in what ``engine.load_checkpoint`` returned (step -1 and no states when it holds none:
+        another program's checkpoint); unknown keys are ignored."""
         inner = raw_record(client)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in inner.items() if k in known and v is not None}
@@ -57,6 +57,6 @@ class ClientState:
 
 
 def raw_record(client: dict[str, Any]) -> dict[str, Any]:
-    """mmt's part of a loaded ``client_state`` as a plain dict (nested under ``"mmt"``, or flat)."""
+    """mmt's part of a loaded ``client_state`` as a plain dict (empty when there is none)."""
     inner = client.get(CLIENT_KEY)
-    return inner if isinstance(inner, dict) else client
+    return inner if isinstance(inner, dict) else {}

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mmt.ckpt.client_state import CLIENT_KEY
 from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.torchio import load_pt
 
@@ -98,11 +99,10 @@ def _partition_numel(numel: int, world: int) -> int:
 def written_by_mmt(model_state: dict[str, Any], root: Path) -> bool:
     """Whether a tag folder without ``mmt_meta.json`` is an interrupted mmt save rather than another program's.
 
-    mmt's trainer and checkpoint harness put their client state under ``mmt`` (older harness checkpoints: flat
-    ``rng_states`` + ``mlflow_run_id``), and
-    a run's other tags carry ``mmt_meta.json``; a plain DeepSpeed checkpoint has neither.
+    mmt's saves put their client state under ``mmt`` (`mmt.ckpt.client_state`), and a run's other tags carry
+    ``mmt_meta.json``; a plain DeepSpeed checkpoint has neither.
     """
-    if isinstance(model_state.get("mmt"), dict) or {"rng_states", "mlflow_run_id"} <= set(model_state):
+    if isinstance(model_state.get(CLIENT_KEY), dict):
         return True
     return any((d / META_FILE).is_file() for d in root.iterdir() if d.is_dir())
 

@@ -1,6 +1,6 @@
 """The one boundary between mmt and DeepSpeed's engine: its JSON config and ``deepspeed.initialize``.
 
-Every engine in mmt (training, `mmt eval`, the checkpoint test harness, the benchmarks) is made by `initialize`
+Every engine in mmt (training, `mmt eval`, the tests' checkpoint harness, the benchmarks) is made by `initialize`
 here, which applies `mmt.ds_compat`'s work-arounds first, so no caller has to remember them.
 
 The DeepSpeed JSON is generated from the typed `train.*` config (`build_ds_config`); it is the single source of
