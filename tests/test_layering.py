@@ -49,10 +49,6 @@ DEFERRED: dict[str, str] = {
 # Known exceptions, (file under mmt/, imported module): imports in files being restructured at the same time, to
 # be moved to the module top (none defers anything heavy) or, for the upward ones, removed.
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
-    # the checkpoint test bench: a second training loop on the engine, leaving the library for tests/
-    *(("ckpt/harness.py", m) for m in ("mmt", "mmt.config", "mmt.config.loader", "mmt.config.model", "sys")),
-    *(("ckpt/harness.py", m) for m in ("mmt.ckpt.resume", "mmt.ckpt.torchio")),
-    *(("ckpt/harness.py", m) for m in ("mmt.training.batching", "mmt.training.engine")),  # upward
     ("ckpt/__init__.py", "importlib"),
     *(("ckpt/cli.py", f"mmt.ckpt.{m}") for m in ("convert", "inspect", "resume", "torchio", "universal")),
     ("ckpt/convert.py", "tqdm.auto"),
@@ -69,7 +65,6 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     *(("training/demo.py", m) for m in ("mmt.data.build.demo", "mmt.data.build.demo_baseline")),
     ("training/demo.py", "mmt.training.distributed"),
     ("training/evaluation_run.py", "mmt"),  # upward: as above
-    *(("training/evaluation_run.py", m) for m in ("mmt.secrets", "mmt.tracking.uri", "mmt.training.trainer")),
 }
 
 

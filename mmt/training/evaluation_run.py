@@ -23,6 +23,8 @@ from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config
 from mmt.data.loader import build_eval_loader
 from mmt.precision import torch_dtype
+from mmt.secrets import tracking_credentials
+from mmt.tracking.uri import resolve_tracking_uri
 from mmt.training import distributed as D
 from mmt.training.engine import eval_ds_config, initialize
 from mmt.training.evaluate import evaluate
@@ -45,9 +47,6 @@ def log_to_run(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any]) -> No
     if not meta.get("mlflow_run_id"):
         return
     from mlflow.tracking import MlflowClient
-
-    from mmt.secrets import tracking_credentials
-    from mmt.tracking.uri import resolve_tracking_uri
 
     client = MlflowClient(tracking_credentials(resolve_tracking_uri(cfg.tracking.uri)))
     for k, v in metrics.items():
