@@ -62,8 +62,6 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     ("ckpt/pretrained.py", "safetensors"),
     ("ckpt/resume.py", "mmt.ckpt.reader"),
     ("ckpt/torchio.py", "numpy"),
-    *(("training/demo.py", m) for m in ("mmt.data.build.demo", "mmt.data.build.demo_baseline")),
-    ("training/demo.py", "mmt.training.distributed"),
     ("training/evaluation_run.py", "mmt"),  # upward: as above
 }
 

@@ -23,6 +23,9 @@ from pathlib import Path
 from mmt.cliargs import ArgumentParser
 from mmt.config import ConfigError, load_config
 from mmt.config.named import CONFIG_DIR
+from mmt.data.build.demo import build_demo
+from mmt.data.build.demo_baseline import nearest_centroid_accuracy
+from mmt.training.distributed import free_port
 
 DEMO_CONFIG = CONFIG_DIR / "train" / "demo.yaml"  # package data: found from a wheel install too
 
@@ -36,8 +39,6 @@ def _ensure_data(data_dir: Path) -> dict:
         raise DemoError(f"--data {data_dir}: exists and is not a folder")
     info_path = data_dir / "demo.json"
     if not info_path.is_file():
-        from mmt.data.build.demo import build_demo
-
         print(
             f"mmt demo: building the demo dataset in {data_dir} (scikit-learn digits + synthesized audio)",
             flush=True,
@@ -109,8 +110,6 @@ def _launch_command(launcher: str, nproc: int, config: Path, overrides: list[str
 
 
 def _free_port() -> int:
-    from mmt.training.distributed import free_port
-
     return free_port()
 
 
@@ -118,7 +117,6 @@ def _zero_shot_lines(ev: dict, info: dict) -> list[str]:
     """Zero-shot digit accuracy per modality beside the raw-feature nearest-centroid baseline."""
     if not any(k.startswith("val/zero_shot_") for k in ev):
         return []
-    from mmt.data.build.demo_baseline import nearest_centroid_accuracy
 
     base = nearest_centroid_accuracy(info)
     lines = ["  zero-shot digit classification (10 classes, chance 0.100; baseline: nearest class centroid)"]
