@@ -20,6 +20,13 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn.functional binds ``group=group.WORLD`` as a default argument when first imported; if that
+# happens while a group exists (DeepSpeed imports it from deepspeed.initialize), ten of its functions hold the world
+# group forever: destroy_process_group then cannot free it, and its gloo threads meet the interpreter's shutdown
+# (seen: the one gloo group still alive after teardown). Imported with this module, before any group exists, they
+# bind None.
+import torch.distributed.nn  # noqa: F401
 from torch.distributed.rendezvous import register_rendezvous_handler
 
 from mmt.ds_compat import reset_comm_backend
@@ -129,12 +136,7 @@ def setup_distributed(
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     created = not dist.is_initialized()
-    # torch.distributed.nn.functional binds ``group=group.WORLD`` as a default argument when first imported; if
-    # that happens while a group exists (DeepSpeed imports it from deepspeed.initialize), ten of its functions
-    # hold the world group forever: destroy_process_group then cannot free it, and its gloo threads meet the
-    # interpreter's shutdown (seen: the one gloo group still alive after teardown). Imported first, they bind None.
     import deepspeed
-    import torch.distributed.nn  # noqa: F401
 
     if created:
         for attempt in range(PORT_ATTEMPTS):
