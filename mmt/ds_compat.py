@@ -82,12 +82,13 @@ WORKAROUNDS: dict[str, Workaround] = {
         ),
         Workaround(
             "cpu_grad_buffers",
-            "DeepSpeedZeroOptimizer.setup_buckets / _release_ipg_buffers / copy_grads_in_partition / step (per "
-            "optimizer instance, CPU accelerator only)",
+            "DeepSpeedZeroOptimizer.setup_buckets / _release_ipg_buffers / copy_grads_in_partition / step / "
+            "get_grad_norm_direct (per optimizer instance, CPU accelerator only)",
             "ZeRO-1/2 drops its gradient bucket and its partition gradient buffer after every backward and "
-            "flattens the partition's gradients into a new tensor in every step: free on a GPU (the caching "
-            "allocator hands the same blocks back), but on CPU each is a fresh allocation of the partition's size "
-            "that the kernel page-faults in on first write (base_tri, 124M params: ~1.5 s of a 4.3 s step)",
+            "flattens the partition's gradients into a new tensor in every step, and takes each gradient's norm on "
+            "a new float64 copy: free on a GPU (the caching allocator hands the same blocks back), but on CPU each "
+            "is a fresh allocation that the kernel page-faults in on first write (base_tri, 124M params: ~2 s of a "
+            "5 s step)",
         ),
     )
 }
@@ -259,10 +260,11 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
 
     DeepSpeed allocates three partition-sized buffers per step and frees them again: the gradient bucket (filled
     from the gradient hooks), ``grads_in_partition`` (this rank's gradients, copied out of the bucket) and the flat
-    gradient partition ``step`` builds for the optimizer. Here a released buffer is handed to the next backward or
+    gradient partition ``step`` builds for the optimizer; the gradient norm copies each gradient to float64 first.
+    Here a released buffer is handed to the next backward or
     step that needs one of its size instead of a fresh allocation, once no gradient view DeepSpeed keeps points
     into it any more (during gradient accumulation the first micro-step's gradients stay the accumulator, so that
-    buffer waits for ``step``). Every value is written as before, in the same order: the numerics are
+    buffer waits for ``step``), and the float64 copies go one at a time into one kept buffer. Every value is written as before, in the same order: the numerics are
     bit-identical. The cost: up to two buffers per kind stay allocated between steps.
 
     Applies to a `DeepSpeedZeroOptimizer` (ZeRO-1/2) on the CPU accelerator without optimizer offload; returns
@@ -270,6 +272,7 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
     check_version()
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     if (
         not isinstance(optimizer, DeepSpeedZeroOptimizer)
@@ -284,6 +287,7 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
     flat: dict[tuple, torch.Tensor] = {}  # step's flat gradient partitions by (dtype, numel): free after step
     setup_buckets, release_ipg_buffers = opt.setup_buckets, opt._release_ipg_buffers
     copy_grads_in_partition, step, flatten = opt.copy_grads_in_partition, opt.step, opt.flatten
+    grad_norm = opt.get_grad_norm_direct
 
     def storages_in_use() -> set[int]:
         """The storages every gradient view DeepSpeed keeps points into."""
@@ -346,6 +350,26 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
             out = flat[key] = torch.empty(key[1], dtype=key[0], device=tensors[0].device)
         return torch.cat(tensors, out=out)
 
+    def grad_norm_reusing(gradients, params, norm_type=2):  # type: ignore[no-untyped-def]
+        # DeepSpeed takes each gradient's norm on a fresh float64 copy (g.data.to(float64)): handed float64
+        # copies made one at a time in one kept buffer, its .to() is a no-op and the norms see the same values
+        if norm_type != 2 or get_norm_dtype() != torch.float64:
+            return grad_norm(gradients, params, norm_type)
+        gradients = list(gradients)
+        largest = max((g.numel() for g in gradients), default=0)
+        scratch = flat.get(("norm", largest))
+        if scratch is None:
+            scratch = flat[("norm", largest)] = torch.empty(largest, dtype=torch.float64)
+
+        def as_float64():  # type: ignore[no-untyped-def]
+            for g in gradients:
+                if getattr(g, "_zero_padding", False) or g.dtype == torch.float64:
+                    yield g
+                else:
+                    yield scratch[: g.numel()].view(g.shape).copy_(g)
+
+        return grad_norm(as_float64(), params, norm_type)
+
     def step_reusing(closure=None):  # type: ignore[no-untyped-def]
         opt.flatten = flatten_into_kept  # only step's flattens: the gradient partitions, consumed within step
         try:
@@ -357,5 +381,6 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
     opt._release_ipg_buffers = release_ipg_buffers_keeping
     opt.copy_grads_in_partition = copy_grads_in_partition_reusing
     opt.step = step_reusing
+    opt.get_grad_norm_direct = grad_norm_reusing
     opt._mmt_grad_buffers = {"pool": pool, "flat": flat}  # read by tests/ds_canaries.py
     return True
