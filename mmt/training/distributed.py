@@ -246,8 +246,7 @@ def destroy_process_groups() -> None:
     exception"). DeepSpeed's own ``deepspeed.comm.destroy_process_group`` drops its references with the groups,
     the trainer releases its engine first (``engine.destroy()`` removes the hooks), and the collection below frees
     what that left, so those group destructors join their threads here. The last holder was
-    ``torch.distributed.nn.functional``'s default arguments: `setup_distributed` imports it before any group
-    exists.
+    ``torch.distributed.nn.functional``'s default arguments: this module imports it before any group exists.
     """
     try:
         import deepspeed.comm as ds_dist
