@@ -46,24 +46,9 @@ DEFERRED: dict[str, str] = {
     "fsspec": "remote storage (s3fs, botocore behind it) only for s3:// and other remote URLs",
 }
 
-# Known exceptions, (file under mmt/, imported module): imports in files being restructured at the same time, to
-# be moved to the module top (none defers anything heavy) or, for the upward ones, removed.
-KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
-    ("ckpt/__init__.py", "importlib"),
-    *(("ckpt/cli.py", f"mmt.ckpt.{m}") for m in ("convert", "inspect", "resume", "torchio", "universal")),
-    ("ckpt/convert.py", "tqdm.auto"),
-    ("ckpt/inspect.py", "yaml"),
-    *(
-        ("ckpt/modelcheck.py", m)
-        for m in ("mmt.config", "mmt.config.model", "mmt.model.factory", "omegaconf")
-    ),
-    ("ckpt/modelcheck.py", "mmt"),  # upward: mmt.create_model is the inference layer's
-    ("ckpt/pretrained.py", "mmt"),  # upward: as above
-    ("ckpt/pretrained.py", "safetensors"),
-    ("ckpt/resume.py", "mmt.ckpt.reader"),
-    ("ckpt/torchio.py", "numpy"),
-    ("training/evaluation_run.py", "mmt"),  # upward: as above
-}
+# Known exceptions, (file under mmt/, imported module): none left. An entry here must say why the import cannot
+# follow the rules above.
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

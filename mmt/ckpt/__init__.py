@@ -5,6 +5,7 @@ Imports are lazy: ``import mmt.ckpt`` must stay cheap (the trainer imports it on
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
@@ -26,7 +27,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mmt.ckpt' has no attribute {name!r}")

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
+from mmt.ckpt.convert import convert_checkpoint
+from mmt.ckpt.inspect import format_summary, inspect_checkpoint
 from mmt.ckpt.layout import CheckpointError
+from mmt.ckpt.resume import check_resumable
+from mmt.ckpt.torchio import checkpoint_loading
+from mmt.ckpt.universal import to_universal
 from mmt.cliargs import ArgumentParser
 
 
@@ -83,7 +88,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from mmt.ckpt.torchio import checkpoint_loading
 
     try:
         with checkpoint_loading(args.trust_checkpoint):
@@ -95,14 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "inspect":
-        from mmt.ckpt.inspect import format_summary, inspect_checkpoint
-
         info = inspect_checkpoint(args.dir, args.tag)
         print(json.dumps(info, indent=2, default=str) if args.json else format_summary(info))
         return 0 if info.get("complete") else 1
     if args.cmd == "convert":
-        from mmt.ckpt.convert import convert_checkpoint
-
         only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
         res = convert_checkpoint(
             args.dir,
@@ -121,8 +121,6 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.cmd in ("to-universal", "reshard"):
-        from mmt.ckpt.universal import to_universal
-
         res = to_universal(args.dir, args.out, tag=args.tag, overwrite=args.overwrite, workers=args.workers)
         print(
             f"universal checkpoint of step {res.step} (saved on {res.source_world_size} ranks) at {res.tag_dir}; "
@@ -130,8 +128,6 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.cmd == "check-resume":
-        from mmt.ckpt.resume import check_resumable
-
         plan = check_resumable(args.dir, world_size=args.world_size, zero_stage=args.zero_stage, tag=args.tag)
         print(plan.describe())
         return 0

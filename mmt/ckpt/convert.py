@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.modelcheck import check_config_matches, check_shapes_against_config
@@ -86,8 +87,6 @@ def plan_shards(
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total,
         unit="B",

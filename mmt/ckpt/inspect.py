@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mmt.ckpt.layout import (
     LATEST_FILE,
     LATEST_UNIVERSAL_FILE,
@@ -129,8 +131,6 @@ def _human(n: int) -> str:
 
 
 def format_summary(info: dict[str, Any]) -> str:
-    import yaml
-
     lines = [f"checkpoint root: {info['root']}"]
     latest = info.get("latest")
     for t in info["tags"]:

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 from mmt.ckpt.layout import META_FILE, CheckpointError
+from mmt.config import to_dict
+from mmt.config.model import MultiModalConfig
+from mmt.model.factory import create_model, load_model_config
 
 if TYPE_CHECKING:
     from mmt.ckpt.reader import ZeroCheckpoint
@@ -38,21 +42,14 @@ def diff_dicts(
 
 def model_config_dict(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     """The resolved model section of a model file, a run config file, or a resolved run-config dict."""
-    from mmt.config import to_dict
-
     if isinstance(config, dict):
         model = config.get("model", config)
         return to_dict(_model_config(model))
-    from mmt.model.factory import load_model_config
 
     return to_dict(load_model_config(config))
 
 
 def _model_config(model: dict[str, Any]) -> Any:
-    from omegaconf import OmegaConf
-
-    from mmt.config.model import MultiModalConfig
-
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MultiModalConfig), model))
 
 
@@ -79,15 +76,13 @@ def expected_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     address space, but torch's meta kernels import ``torch._dynamo`` on first use (1.3-2.5 s here, longer than
     converting the base model), so it is only the fallback when the address space is refused.
     """
-    import mmt
-
     cfg = _model_config(model_cfg)
     try:
         with _SkipFills():
-            model = mmt.create_model(cfg)
+            model = create_model(cfg)
     except (RuntimeError, MemoryError):  # strict overcommit refused the untouched allocations: sizes only
         with torch.device("meta"):
-            model = mmt.create_model(cfg)
+            model = create_model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mmt.ckpt.convert import CONFIG_FILE, EXPORT_META_FILE, INDEX_FILE, SINGLE_FILE
 from mmt.ckpt.layout import CheckpointError
 from mmt.ckpt.select import prefixes_for
+from mmt.model.factory import create_model
 
 
 @dataclass
@@ -30,8 +32,6 @@ class LoadReport:
 
 def weight_files(path: str | os.PathLike) -> dict[str, Path]:
     """``{tensor name: file}`` for a converted folder (single file or sharded + index) or one .safetensors file."""
-    from safetensors import safe_open
-
     p = Path(path)
     if p.is_file():
         files = [p]
@@ -135,7 +135,6 @@ class _Readers:
         self._open.clear()
 
     def _handle(self, key: str):  # noqa: ANN202
-        from safetensors import safe_open
 
         f = self.files[key]
         if f not in self._open:
@@ -151,15 +150,13 @@ class _Readers:
 
 def create_pretrained(path: str | os.PathLike, overrides: Iterable[str] = ()) -> nn.Module:
     """The model described by ``<path>/config.yaml`` with the weights of ``path`` loaded (strict)."""
-    import mmt
-
     p = Path(path)
     cfg = p / CONFIG_FILE
     if not cfg.is_file():
         raise CheckpointError(
             f"{cfg}: missing; build the model yourself and call load_pretrained(model, {p})"
         )
-    model = mmt.create_model(cfg, list(overrides))
+    model = create_model(cfg, list(overrides))
     load_pretrained(model, p, only=_exported_only(p))
     return model
 

@@ -26,6 +26,7 @@ from typing import Any
 from mmt.ckpt.client_state import ClientState, raw_record
 from mmt.ckpt.layout import META_FILE, CheckpointError, read_meta, resolve_tag_dir
 from mmt.ckpt.modelcheck import diff_dicts
+from mmt.ckpt.reader import ZeroCheckpoint
 from mmt.ckpt.torchio import check_files, load_pt
 from mmt.ds_compat import fix_zero3_universal_load
 
@@ -125,8 +126,6 @@ def check_resumable(
                 f"ZeRO-3 like its source ({'ZeRO-3' if saved_stage == 3 else 'ZeRO-1/2'}), not into ZeRO-{zero_stage}"
             )
         return plan(True, saved_ws, saved_stage)
-
-    from mmt.ckpt.reader import ZeroCheckpoint
 
     ck = ZeroCheckpoint(tag_dir)  # every rank file present and consistent, or a CheckpointError naming it
     if ck.stage != zero_stage:

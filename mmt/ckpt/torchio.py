@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmt.ckpt.layout import CheckpointError
@@ -47,8 +48,6 @@ class UntrustedCheckpointError(CheckpointError):
 @functools.cache
 def allowed_globals() -> tuple[Any, ...]:
     """The classes and functions a checkpoint may name, beyond torch's own tensors and containers."""
-    import numpy as np
-
     out: list[Any] = [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
     for dt in (np.uint32, np.int64, np.float64, np.float32, np.uint8, np.int32, np.bool_):
         out.append(type(np.dtype(dt)))

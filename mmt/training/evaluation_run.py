@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import nn
 
-import mmt
 from mmt.atomic import atomic_write_text
 from mmt.ckpt.layout import read_meta, resolve_tag_dir
 from mmt.ckpt.reader import ZeroCheckpoint
 from mmt.ckpt.torchio import checkpoint_loading
 from mmt.config import Config
 from mmt.data.loader import build_eval_loader
+from mmt.model.factory import create_model
 from mmt.precision import torch_dtype
 from mmt.secrets import tracking_credentials
 from mmt.tracking.uri import resolve_tracking_uri
@@ -36,7 +36,7 @@ def load_checkpoint_model(cfg: Config, tag_dir: Path, source: str, trust: bool) 
 
     ``trust`` unpickles the files fully; otherwise a file naming a class outside `mmt.ckpt.torchio`'s allow-list
     is refused before anything in it runs. Weights that do not fit the config are refused naming both."""
-    model = mmt.create_model(cfg.model)
+    model = create_model(cfg.model)
     with checkpoint_loading(trust):
         ZeroCheckpoint(tag_dir).load_into(model, f"model config {source}")
     return model
