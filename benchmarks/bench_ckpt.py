@@ -117,7 +117,7 @@ def train_one_step_and_save(model: str, run_dir: Path) -> None:
     from mmt.config import to_dict
     from mmt.training.batching import resolve_batch
     from mmt.training.distributed import setup_distributed, teardown_distributed
-    from mmt.training.engine import build_ds_config, initialize_for_training
+    from mmt.training.engine import build_ds_config, destroy, initialize_for_training
     from mmt.training.tasks import build_task
 
     env, dev, created = setup_distributed("cpu", "gloo", 600)
@@ -137,7 +137,7 @@ def train_one_step_and_save(model: str, run_dir: Path) -> None:
         meta = {"step": 1, "samples_seen": world, "world_size": world, "zero_stage": 3, "dtype": "fp32"}
         manager = CheckpointManager(run_dir, keep_last=0, rank=env.rank)
         manager.save(engine, 1, client.to_client_state(), {**meta, "config": to_dict(cfg)})
-        engine.destroy()
+        destroy(engine)
     finally:
         teardown_distributed(created)
 

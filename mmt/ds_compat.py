@@ -9,7 +9,8 @@ fails says DeepSpeed fixed that bug, and which work-around to drop on an upgrade
 
 Callers never apply these by hand: `mmt.training.engine.initialize` calls `patch_deepspeed`, the universal
 conversion calls `patch_ds_to_universal`, resume calls `fix_zero3_universal_load`, teardown calls
-`reset_comm_backend`, and `initialize` calls `reuse_cpu_grad_buffers` on each ZeRO-1/2 optimizer.
+`reset_comm_backend`, `initialize` calls `reuse_cpu_grad_buffers` on each ZeRO-1/2 optimizer, and
+`mmt.training.engine.destroy` calls `release_zero3_module`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ WORKAROUNDS: dict[str, Workaround] = {
             "a new float64 copy: free on a GPU (the caching allocator hands the same blocks back), but on CPU each "
             "is a fresh allocation that the kernel page-faults in on first write (base_tri, 124M params: ~2 s of a "
             "5 s step)",
+        ),
+        Workaround(
+            "zero3_module_refs",
+            "deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK and the lru_cache of "
+            "PartitionedParameterCoordinator.__params_to_release",
+            "ZeRO-3 pushes the model onto the module-level FWD_MODULE_STACK when it sets up its hooks, and memoises "
+            "__params_to_release in a class-level functools.lru_cache keyed by (coordinator, submodule); "
+            "engine.destroy() clears neither, so the model, the zero.Init partitioning closures on its parameters "
+            "and through them the data-parallel process group stay alive until interpreter exit (after a 2-rank "
+            "run: two gloo groups, 6 worker threads per rank, left for shutdown to free)",
         ),
     )
 }
@@ -384,3 +395,30 @@ def reuse_cpu_grad_buffers(optimizer: Any) -> bool:
     opt.get_grad_norm_direct = grad_norm_reusing
     opt._mmt_grad_buffers = {"pool": pool, "flat": flat}  # read by tests/ds_canaries.py
     return True
+
+
+def release_zero3_module(module: Any) -> None:
+    """zero3_module_refs: drop the references ZeRO-3 keeps to a destroyed engine's model (DeepSpeed's forward module
+    stack and the coordinator's release memo), so the model, its parameters' partitioning closures and the process
+    groups they hold can be freed at teardown. The memo is only a cache: a live engine refills it on demand."""
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:  # pragma: no cover - DeepSpeed always ships them in the tested series
+        return
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    memo = params_to_release_memo(PartitionedParameterCoordinator)
+    if memo is not None:
+        memo.cache_clear()
+
+
+def params_to_release_memo(coordinator_cls: Any) -> Any:
+    """The ``functools.lru_cache`` under ``__params_to_release`` (wrapped by DeepSpeed's NVTX decorator), or None."""
+    fn = coordinator_cls.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for _ in range(4):
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        fn = getattr(fn, "__wrapped__", None) or next((c for c in cells if callable(c)), None)
+    return fn if hasattr(fn, "cache_clear") else None

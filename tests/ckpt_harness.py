@@ -34,7 +34,7 @@ from mmt.config.model import MultiModalConfig
 from mmt.config.train import OptimizerConfig, TrainConfig
 from mmt.precision import torch_dtype
 from mmt.training.batching import BatchPlan
-from mmt.training.engine import build_ds_config, initialize
+from mmt.training.engine import build_ds_config, destroy, initialize
 
 
 def make_batch(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if step in args.save_at:
             save(engine, manager, args, step, cfg, world)
     dist.barrier()
-    engine.destroy()
+    destroy(engine)
     dist.destroy_process_group()
     return 0
 

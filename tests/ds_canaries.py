@@ -158,6 +158,40 @@ def cpu_grad_buffers() -> tuple[bool, str]:
     )
 
 
+@canary
+def zero3_module_refs() -> tuple[bool, str]:
+    """A 1-rank ZeRO-3 engine on a tiny model, 3 steps (the coordinator's trace completes), destroyed: does
+    DeepSpeed still reference the model from its forward module stack and from the release memo?"""
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    from mmt.ds_compat import params_to_release_memo
+
+    for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    config = {
+        "train_batch_size": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    for _ in range(3):
+        engine.backward(engine(torch.ones(2, 4)).sum())
+        engine.step()
+    engine.destroy()
+    on_stack = any(m is model for m in parameter_offload.FWD_MODULE_STACK)
+    memo = params_to_release_memo(PartitionedParameterCoordinator)
+    in_memo = memo is not None and memo.cache_info().currsize > 0
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not model]
+    if memo is not None:
+        memo.cache_clear()
+    return on_stack and in_memo, f"model on FWD_MODULE_STACK: {on_stack}, release memo filled: {in_memo}"
+
+
 def reuse_check() -> dict[str, object]:
     """`mmt.ds_compat.reuse_cpu_grad_buffers` against DeepSpeed's own buffers: ZeRO-1 and ZeRO-2 engines (one
     rank, fp32, 2 micro-steps per step, a bucket smaller than one parameter) from the same weights and batches give
@@ -239,7 +273,7 @@ def main(out: str) -> None:
         "gloo", store=tdist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60)
     )
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, dist_init_required=False)
-    for name in ("scalar_grad_clip", "scalar_zero3_init", "cpu_grad_buffers"):
+    for name in ("scalar_grad_clip", "scalar_zero3_init", "cpu_grad_buffers", "zero3_module_refs"):
         results[name] = CANARIES[name]()
     # patches only the optimizers it makes (before comm_backend_reset: that one leaves DeepSpeed's group cache stale)
     checks = reuse_check()

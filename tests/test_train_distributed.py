@@ -54,6 +54,14 @@ def test_contrastive_loss_gathered_over_two_ranks_equals_concatenated_batch(runs
         assert r["max_param_grad_diff"] <= 1e-6 * max(1.0, r["max_param_grad"])
 
 
+def test_teardown_leaves_no_gloo_threads(runs):
+    # After 2-rank ZeRO 0-3 trainings and the teardown, every gloo group is freed and its threads joined (a live
+    # group's threads met at interpreter shutdown can abort the worker at exit).
+    for rank in (0, 1):
+        threads = json.loads((runs["tmp"] / f"exit_threads_rank{rank}.json").read_text())
+        assert threads and not [t for t in threads if "gloo" in t], threads
+
+
 def assert_rows_match(got: dict, ref: dict, steps) -> None:
     for step in steps:
         # Same global batch and init: 2 ranks change only the order of fp32 reductions (ZeRO-3 also reduce-

@@ -23,7 +23,7 @@ from torch import nn
 
 from mmt.config import ConfigError
 from mmt.config.train import TrainConfig
-from mmt.ds_compat import patch_deepspeed, reuse_cpu_grad_buffers
+from mmt.ds_compat import patch_deepspeed, release_zero3_module, reuse_cpu_grad_buffers
 from mmt.training.batching import BatchPlan
 from mmt.training.engine_tuning import skip_single_rank_allreduce
 from mmt.training.optim import make_scheduler_factory, param_groups
@@ -94,6 +94,18 @@ def initialize(
     )
     reuse_cpu_grad_buffers(engine.optimizer)
     return engine
+
+
+def destroy(engine: Any) -> None:
+    """Release an engine so the teardown can free the process groups: DeepSpeed's ``engine.destroy()`` removes the
+    hooks that keep its ZeRO optimizer alive, and `release_zero3_module` the references ZeRO-3 keeps to the model
+    (whose parameters hold the data-parallel group). The one release of an engine in mmt, as `initialize` is the
+    one creation."""
+    module = engine.module
+    try:
+        engine.destroy()
+    finally:
+        release_zero3_module(module)
 
 
 def initialize_for_training(

@@ -26,7 +26,7 @@ from mmt.precision import torch_dtype
 from mmt.secrets import tracking_credentials
 from mmt.tracking.uri import resolve_tracking_uri
 from mmt.training import distributed as D
-from mmt.training.engine import eval_ds_config, initialize
+from mmt.training.engine import destroy, eval_ds_config, initialize
 from mmt.training.evaluate import evaluate
 from mmt.training.tasks import build_task
 
@@ -72,7 +72,7 @@ def _run_evaluation(cfg: Config, model: nn.Module, env: D.DistEnv, device: Any) 
         return evaluate(engine, task, loader, device, torch_dtype(precision), t.eval_max_batches)
     finally:
         with suppress(Exception):
-            engine.destroy()
+            destroy(engine)
         del engine
 
 

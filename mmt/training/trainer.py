@@ -44,7 +44,7 @@ from mmt.tracking.mlflow_logger import MLflowLogger
 from mmt.training import distributed as D
 from mmt.training.activation_checkpointing import apply_activation_checkpointing
 from mmt.training.batching import BatchPlan, resolve_batch
-from mmt.training.engine import initialize_for_training, resolve_ds_config
+from mmt.training.engine import destroy, initialize_for_training, resolve_ds_config
 from mmt.training.evaluate import evaluate
 from mmt.training.flops import mfu, peak_flops_per_device
 from mmt.training.inputs import batch_size, count_tokens
@@ -568,11 +568,11 @@ class Trainer:
 
     def destroy_engine(self) -> None:
         """The engine holds the process groups, and its ZeRO optimizer is kept alive by the gradient hooks it left
-        on the parameters (a cycle through autograd that Python's collector cannot see): release it with
-        DeepSpeed's `destroy` first, so the teardown frees the groups and joins their threads before the
-        interpreter shuts down (see `destroy_process_groups`)."""
+        on the parameters (a cycle through autograd that Python's collector cannot see), and ZeRO-3 keeps the
+        model: release it through `mmt.training.engine.destroy` first, so the teardown frees the groups and joins
+        their threads before the interpreter shuts down (see `destroy_process_groups`)."""
         engine, self.engine = self.engine, None
-        suppressed(engine.destroy)
+        suppressed(destroy, engine)
         del engine
 
     def teardown_distributed(self, created: bool) -> None:
